@@ -1,0 +1,88 @@
+"""Shared building blocks of the three kinds' specs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class ApiModel(BaseModel):
+    """Base of every API object: camelCase on the wire, snake_case in Python, unknown fields refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One `x-kubernetes-validations` entry; the message names the field and the fix."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def validations(*rules: dict[str, str]) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})
+
+
+class SecretKeyRef(ApiModel):
+    name: str = Field(min_length=1, max_length=253, description="Name of a Secret in the object's namespace.")
+    key: str = Field(min_length=1, max_length=253, description="Key inside the Secret.")
+
+
+class S3Location(ApiModel):
+    uri: str = Field(pattern=r"^s3://[^/]+(/.*)?$", description="s3://bucket/prefix")
+    endpoint: str | None = Field(default=None, description="S3-compatible endpoint URL; AWS when empty.")
+    credentials_secret: str | None = Field(
+        default=None,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, exposed to the workload as env.",
+    )
+
+
+class PvcLocation(ApiModel):
+    claim_name: str = Field(min_length=1, max_length=253, description="PersistentVolumeClaim in the same namespace.")
+    path: str = Field(default="", max_length=1024, description="Path inside the volume.")
+
+
+class ObjectReference(ApiModel):
+    name: str = Field(min_length=1, max_length=253)
+
+
+class Toleration(ApiModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourcesSpec(ApiModel):
+    """What the workload's pod asks for, and where it may run."""
+
+    gpu: int = Field(default=0, ge=0, le=64, description="GPUs per pod; 0 runs on CPU.")
+    gpu_resource_name: str = Field(default="nvidia.com/gpu", description="Extended resource that counts GPUs.")
+    cpu: str = Field(default="2", pattern=r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$", description="CPU request, e.g. 2 or 500m.")
+    memory: str = Field(default="8Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+                        description="Memory request and limit, e.g. 8Gi.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    priority_class_name: str | None = None
+
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Ready", "Progressing", "Degraded"]
+
+
+class Condition(ApiModel):
+    """A Kubernetes API convention condition."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None

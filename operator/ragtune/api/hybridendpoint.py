@@ -1,0 +1,134 @@
+"""HybridEndpoint: a Ray Serve application that retrieves from a VectorIndex and generates with vLLM."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import ApiModel, Condition, ObjectReference, PvcLocation, ResourcesSpec, S3Location, cel, validations
+
+DEFAULT_RAG_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer the question using ONLY the context below. "
+    "If the answer is not in the context, say that you don't know. Cite the sources you used."
+)
+DEFAULT_HYBRID_SYSTEM_PROMPT = (
+    "You are an expert assistant writing for executives. Using the context below and your own domain training, "
+    "give a concise executive summary that answers the question: lead with the answer, then the key points as "
+    "short bullets. Rely on the context for facts; if the context does not support an answer, say so."
+)
+DEFAULT_TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
+
+
+class AdapterSpec(ApiModel):
+    model_config = validations(
+        cel("has(self.fineTuneJobRef) != has(self.uri)",
+            "model.adapter sets exactly one of fineTuneJobRef (a FineTuneJob in this namespace) or uri"),
+    )
+    fine_tune_job_ref: ObjectReference | None = None
+    uri: str | None = Field(default=None, pattern=r"^(s3|pvc|file|hf)://.+$",
+                            description="An adapter outside ragtune: s3://, pvc://claim/path, file:// or hf://")
+    require_promotable: bool = Field(default=True, description="Refuse a FineTuneJob adapter marked not promotable.")
+
+
+class EndpointModelSpec(ApiModel):
+    name: str = Field(default="mistralai/Mistral-7B-Instruct-v0.3", min_length=1, max_length=512,
+                      description="Base model; must equal the adapter's base model.")
+    source: Literal["hf", "pvc", "s3"] = "hf"
+    pvc: PvcLocation | None = None
+    s3: S3Location | None = None
+    served_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:/-]{1,128}$",
+                                    description="Model name clients send; defaults to the endpoint's name.")
+    adapter: AdapterSpec | None = None
+
+
+class RetrievalSpec(ApiModel):
+    vector_index_ref: ObjectReference
+    top_k: int = Field(default=4, ge=1, le=100)
+    score_threshold: float | None = Field(default=None, ge=-1.0, le=1.0, description="Chunks scoring below are not used; with none "
+                                          "left the answer says it does not know.")
+    default_mode: Literal["auto", "always", "never"] = Field(default="auto", description="Per-request override "
+                                                             "possible with the retrieval field.")
+
+
+class PromptSpec(ApiModel):
+    system: str | None = Field(default=None, max_length=16384, description="Defaults by mode: rag answers from "
+                               "the context only; hybrid writes an executive summary.")
+    template: str = Field(default=DEFAULT_TEMPLATE, max_length=16384,
+                          description="User turn; {context} and {question} are filled in.")
+
+
+class EngineSpec(ApiModel):
+    model_config = validations(
+        cel("self.name != 'vllm' || self.gpuMemoryUtilization > 0.0", "engine.gpuMemoryUtilization must be > 0"),
+    )
+    name: Literal["auto", "vllm", "transformers"] = Field(default="auto", description="auto prefers vLLM.")
+    max_model_len: int = Field(default=4096, ge=128, le=1048576)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    quantization: Literal["none", "awq", "gptq", "fp8", "bitsandbytes"] = "none"
+    max_lora_rank: int = Field(default=64, ge=1, le=1024)
+    max_tokens: int = Field(default=512, ge=1, le=65536, description="Default completion length.")
+
+
+class AutoscalingSpec(ApiModel):
+    model_config = validations(
+        cel("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
+    )
+    min_replicas: int = Field(default=1, ge=0, le=100)
+    max_replicas: int = Field(default=1, ge=1, le=100)
+    target_ongoing_requests: int = Field(default=8, ge=1, le=1000)
+
+
+class HybridEndpointSpec(ApiModel):
+    model_config = validations(
+        cel("self.mode == 'finetuned' || has(self.retrieval)",
+            "mode rag and hybrid retrieve: set retrieval.vectorIndexRef.name, or use mode finetuned", "retrieval"),
+        cel("self.mode == 'rag' || (has(self.model.adapter))",
+            "mode finetuned and hybrid serve an adapter: set model.adapter.fineTuneJobRef.name (or model.adapter.uri), "
+            "or use mode rag", "model"),
+        cel("!has(self.autoscaling) || self.replicas >= self.autoscaling.minReplicas",
+            "replicas must be >= autoscaling.minReplicas", "replicas"),
+    )
+    mode: Literal["rag", "finetuned", "hybrid"] = "hybrid"
+    model: EndpointModelSpec = Field(default_factory=EndpointModelSpec)
+    retrieval: RetrievalSpec | None = None
+    prompt: PromptSpec = Field(default_factory=PromptSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    replicas: int = Field(default=1, ge=0, le=100)
+    autoscaling: AutoscalingSpec | None = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    api_key_secret: str | None = Field(default=None, max_length=253, description="Secret whose key 'api-key' "
+                                       "holds the Bearer key clients must send; open when empty.")
+    runtime: Literal["auto", "rayservice", "deployment"] = Field(default="auto", description="auto: a KubeRay "
+                                                                 "RayService when its CRD is installed, otherwise "
+                                                                 "a Deployment running Ray Serve in one pod.")
+    port: int = Field(default=8000, ge=1024, le=65535)
+    image: str | None = None
+
+
+class ServedVersions(ApiModel):
+    model_config = {"extra": "ignore"}
+    adapter: str | None = None
+    adapter_digest: str | None = None
+    index: str | None = None
+    index_version: str | None = None
+
+
+class HybridEndpointStatus(ApiModel):
+    model_config = {"extra": "ignore"}
+    phase: str | None = None
+    url: str | None = None
+    runtime: str | None = None
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    served: ServedVersions | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class HybridEndpoint(ApiModel):
+    model_config = {"extra": "ignore"}
+    spec: HybridEndpointSpec
+    status: HybridEndpointStatus = Field(default_factory=HybridEndpointStatus)

@@ -1,0 +1,130 @@
+"""VectorIndex: documents loaded, chunked, embedded and written to Milvus, incrementally."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import ApiModel, Condition, PvcLocation, ResourcesSpec, S3Location, SecretKeyRef, cel, validations
+
+DEFAULT_EMBEDDING_MODEL = "BAAI/bge-small-en-v1.5"
+DocumentFormat = Literal["txt", "md", "pdf", "html"]
+
+
+class InlineDocument(ApiModel):
+    name: str = Field(min_length=1, max_length=253, description="Document path used in sources, e.g. faq.md.")
+    text: str = Field(max_length=1_000_000)
+
+
+class SourceSpec(ApiModel):
+    model_config = validations(
+        cel("[has(self.pvc), has(self.configMap), has(self.s3), has(self.inline)].filter(x, x).size() == 1",
+            "each sources[] entry sets exactly one of pvc, configMap, s3 or inline"),
+    )
+    pvc: PvcLocation | None = None
+    config_map: str | None = Field(default=None, description="ConfigMap whose keys are documents.")
+    s3: S3Location | None = None
+    inline: list[InlineDocument] | None = Field(default=None, max_length=500)
+    glob: str = Field(default="**/*", description="Which files of a pvc or s3 source to load.")
+
+
+class ChunkingSpec(ApiModel):
+    model_config = validations(
+        cel("self.overlap < self.size", "chunking.overlap must be smaller than chunking.size"),
+    )
+    strategy: Literal["tokens", "markdown"] = Field(
+        default="markdown", description="tokens: fixed windows of embedding-model tokens; markdown: split at headings "
+        "first, then by tokens.")
+    size: int = Field(default=256, ge=16, le=8192, description="Chunk size in embedding-model tokens.")
+    overlap: int = Field(default=32, ge=0, le=4096, description="Tokens shared by consecutive chunks.")
+
+
+class EmbeddingSpec(ApiModel):
+    model: str = Field(default=DEFAULT_EMBEDDING_MODEL, min_length=1, max_length=512)
+    source: Literal["hf", "pvc"] = "hf"
+    pvc: PvcLocation | None = None
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    normalize: bool = True
+    backend: Literal["torch", "onnx", "openvino"] = Field(default="torch", description="sentence-transformers "
+                                                          "backend; onnx/openvino trade a build step for speed.")
+    query_prefix: str = Field(default="", max_length=256, description="Prepended to queries (e.g. for bge/e5).")
+
+
+class StoreSpec(ApiModel):
+    model_config = validations(
+        cel("self.backend != 'milvus' || has(self.uri)", "store.uri is required when store.backend is milvus: set "
+            "it to the server, e.g. http://milvus.milvus:19530"),
+        cel("self.backend != 'milvus-lite' || has(self.pvc)", "store.pvc is required when store.backend is "
+            "milvus-lite: set store.pvc.claimName for the volume that holds the database file"),
+        cel("self.backend != 'milvus-lite' || !(self.indexType in ['IVF_PQ', 'DISKANN', 'SCANN'])",
+            "store.indexType is not supported by milvus-lite: use FLAT, AUTOINDEX, HNSW, HNSW_SQ, IVF_FLAT or IVF_SQ8"),
+    )
+    backend: Literal["milvus-lite", "milvus"] = "milvus-lite"
+    uri: str | None = Field(default=None, pattern=r"^(https?|tcp)://.+$")
+    token_secret: SecretKeyRef | None = Field(default=None, description="Secret key with the Milvus token "
+                                              "(user:password or API key).")
+    pvc: PvcLocation | None = None
+    collection: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$",
+                                   description="Alias readers use; defaults to <namespace>_<name>.")
+    index_type: Literal["FLAT", "AUTOINDEX", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN",
+                        "SCANN"] = "AUTOINDEX"
+    metric: Literal["COSINE", "IP", "L2"] = "COSINE"
+    retain_versions: int = Field(default=2, ge=1, le=20, description="Collection versions kept after a rebuild.")
+
+
+class VectorIndexSpec(ApiModel):
+    model_config = validations(
+        cel("!has(self.schedule) || self.schedule.split(' ').size() == 5",
+            "schedule must be a 5-field cron expression, e.g. '0 3 * * *'", "schedule"),
+    )
+    sources: list[SourceSpec] = Field(min_length=1, max_length=32)
+    formats: list[DocumentFormat] = Field(default_factory=lambda: ["txt", "md", "pdf", "html"], min_length=1)
+    chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
+    store: StoreSpec = Field(default_factory=StoreSpec)
+    schedule: str | None = Field(default=None, max_length=128, description="Cron schedule for refreshes.")
+    suspend: bool = Field(default=False, description="Pauses scheduled refreshes.")
+    deletion_policy: Literal["Retain", "Delete"] = Field(default="Retain", description="Delete drops the collection "
+                                                         "on a Milvus server when the VectorIndex is deleted.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    backoff_limit: int = Field(default=2, ge=0, le=20)
+    active_deadline_seconds: int | None = Field(default=None, ge=60)
+    image: str | None = None
+
+
+class IndexStats(ApiModel):
+    model_config = {"extra": "ignore"}
+    documents: int = 0
+    documents_total: int = 0
+    chunks: int = 0
+    chunks_total: int = 0
+    added: int = 0
+    kept: int = 0
+    removed: int = 0
+    skipped: int = 0
+
+
+class VectorIndexStatus(ApiModel):
+    model_config = {"extra": "ignore"}
+    phase: str | None = None
+    job_name: str | None = None
+    documents: int | None = None
+    chunks: int | None = None
+    dimension: int | None = None
+    embedding_model: str | None = None
+    active_collection: str | None = None
+    active_version: str | None = None
+    progress: IndexStats | None = None
+    progress_text: str | None = None
+    last_run_time: str | None = None
+    last_duration_seconds: float | None = None
+    next_run_time: str | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class VectorIndex(ApiModel):
+    model_config = {"extra": "ignore"}
+    spec: VectorIndexSpec
+    status: VectorIndexStatus = Field(default_factory=VectorIndexStatus)

@@ -1,0 +1,48 @@
+"""Shared fixtures: the local control plane is started once per test session (or an already running one is
+reused), and only what this session started is stopped at the end."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "hack"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import localcluster  # noqa: E402
+from kube import Kube  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The kubeconfig path of a running local control plane."""
+    started_here = not localcluster.is_up()
+    try:
+        kubeconfig = localcluster.up(quiet=False)
+    except localcluster.ClusterError as exc:
+        pytest.fail(f"the local control plane did not start: {exc}", pytrace=False)
+    yield kubeconfig
+    if started_here and not os.environ.get("RAGTUNE_KEEP_CLUSTER"):
+        localcluster.down(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def kube(cluster) -> Kube:
+    return Kube(cluster, localcluster.binaries_dir() / "kubectl")
+
+
+@pytest.fixture
+def namespace(kube: Kube):
+    name = kube.create_namespace()
+    yield name
+    kube.delete_namespace(name)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
