@@ -296,7 +296,6 @@ NODE = """
   status:
     allocatable: {{cpu: "32", memory: 256Gi, pods: "500"{gpu}}}
     capacity: {{cpu: "32", memory: 256Gi, pods: "500"{gpu}}}
-    nodeInfo: {{architecture: amd64, operatingSystem: linux, kubeletVersion: fake, kubeProxyVersion: fake}}
     phase: Running
 """
 
@@ -328,9 +327,8 @@ def up(quiet: bool = False) -> Path:
     check_ports_free()
     started = time.monotonic()
     shutil.rmtree(STATE, ignore_errors=True)
-    for p in paths().values():
-        if p.suffix == "":
-            p.mkdir(parents=True, exist_ok=True)
+    for key in ("pki", "logs", "pids", "etcd"):
+        paths()[key].mkdir(parents=True, exist_ok=True)
     try:
         _start_all(bins, say)
     except BaseException:

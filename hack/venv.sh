@@ -20,6 +20,15 @@ if [[ -f "$venv/.complete" ]]; then
   exit 0
 fi
 
+# One installer at a time; whoever waited finds the finished venv.
+mkdir -p "$cache_root/venv"
+exec 9>"$venv.lock"
+flock 9
+if [[ -f "$venv/.complete" ]]; then
+  echo "$venv"
+  exit 0
+fi
+
 log() { echo "venv: $*" >&2; }
 start=$(date +%s)
 rm -rf "$venv"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel
@@ -82,7 +82,35 @@ def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The model's JSON schema turned structural: $refs inlined, optionals flattened, defaults kept."""
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
-    return _convert(raw, defs)
+    schema = _convert(raw, defs)
+    _fill_object_defaults(model, schema)
+    return schema
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_class(arg)
+        if found is not None and get_origin(annotation) is not list:
+            return found
+    return None
+
+
+def _fill_object_defaults(model: type[BaseModel], schema: dict[str, Any]) -> None:
+    """A nested object whose field has a default (factory) gets that default, fully spelled out, so the API
+    server fills it in, CEL rules see complete objects, and kubectl/GitOps users see every default."""
+    for name, info in model.model_fields.items():
+        prop = schema.get("properties", {}).get(info.alias or name)
+        sub = _model_class(info.annotation)
+        if prop is None or sub is None:
+            continue
+        if prop.get("type") == "object":
+            _fill_object_defaults(sub, prop)
+        elif prop.get("type") == "array" and prop.get("items", {}).get("type") == "object":
+            _fill_object_defaults(sub, prop["items"])
+        if info.default_factory is not None and prop.get("type") == "object":
+            prop["default"] = info.default_factory().model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -111,16 +139,7 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
 
     if "properties" in node:
         node["type"] = "object"
-        converted = {}
-        for name, prop in node["properties"].items():
-            converted[name] = _convert(prop, defs)
-            # A nested object whose fields all have defaults defaults to {} so the API server fills it in and
-            # kubectl/GitOps users see every default; an optional (nullable) object stays absent.
-            if converted[name].get("type") == "object" and "properties" in converted[name] \
-                    and "anyOf" not in prop and "default" not in converted[name] \
-                    and not converted[name].get("required") and name not in node.get("required", []):
-                converted[name]["default"] = {}
-        node["properties"] = converted
+        node["properties"] = {name: _convert(prop, defs) for name, prop in node["properties"].items()}
         if node.get("additionalProperties") is False:
             node.pop("additionalProperties")
     elif node.get("type") == "object":

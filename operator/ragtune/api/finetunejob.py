@@ -123,9 +123,9 @@ class EvaluationSpec(ApiModel):
 class FineTuneJobSpec(ApiModel):
     model_config = validations(
         cel("self.method != 'qlora' || self.resources.gpu > 0",
-            "method qlora needs an NVIDIA GPU: set resources.gpu >= 1, or use method lora", "resources"),
+            "method qlora needs an NVIDIA GPU: set resources.gpu >= 1, or use method lora", ".resources"),
         cel("self.engine != 'unsloth' || self.resources.gpu > 0",
-            "engine unsloth runs on NVIDIA GPUs only: set resources.gpu >= 1, or use engine trl or auto", "resources"),
+            "engine unsloth runs on NVIDIA GPUs only: set resources.gpu >= 1, or use engine trl or auto", ".resources"),
         cel("self == oldSelf", "spec is immutable once the FineTuneJob has started: create a new FineTuneJob "
             "(a new name) for a new version"),
     )

@@ -84,12 +84,12 @@ class AutoscalingSpec(ApiModel):
 class HybridEndpointSpec(ApiModel):
     model_config = validations(
         cel("self.mode == 'finetuned' || has(self.retrieval)",
-            "mode rag and hybrid retrieve: set retrieval.vectorIndexRef.name, or use mode finetuned", "retrieval"),
+            "mode rag and hybrid retrieve: set retrieval.vectorIndexRef.name, or use mode finetuned", ".retrieval"),
         cel("self.mode == 'rag' || (has(self.model.adapter))",
             "mode finetuned and hybrid serve an adapter: set model.adapter.fineTuneJobRef.name (or model.adapter.uri), "
-            "or use mode rag", "model"),
+            "or use mode rag", ".model"),
         cel("!has(self.autoscaling) || self.replicas >= self.autoscaling.minReplicas",
-            "replicas must be >= autoscaling.minReplicas", "replicas"),
+            "replicas must be >= autoscaling.minReplicas", ".replicas"),
     )
     mode: Literal["rag", "finetuned", "hybrid"] = "hybrid"
     model: EndpointModelSpec = Field(default_factory=EndpointModelSpec)

@@ -55,8 +55,6 @@ class StoreSpec(ApiModel):
     model_config = validations(
         cel("self.backend != 'milvus' || has(self.uri)", "store.uri is required when store.backend is milvus: set "
             "it to the server, e.g. http://milvus.milvus:19530"),
-        cel("self.backend != 'milvus-lite' || has(self.pvc)", "store.pvc is required when store.backend is "
-            "milvus-lite: set store.pvc.claimName for the volume that holds the database file"),
         cel("self.backend != 'milvus-lite' || !(self.indexType in ['IVF_PQ', 'DISKANN', 'SCANN'])",
             "store.indexType is not supported by milvus-lite: use FLAT, AUTOINDEX, HNSW, HNSW_SQ, IVF_FLAT or IVF_SQ8"),
     )
@@ -64,7 +62,11 @@ class StoreSpec(ApiModel):
     uri: str | None = Field(default=None, pattern=r"^(https?|tcp)://.+$")
     token_secret: SecretKeyRef | None = Field(default=None, description="Secret key with the Milvus token "
                                               "(user:password or API key).")
-    pvc: PvcLocation | None = None
+    pvc: PvcLocation | None = Field(default=None, description="milvus-lite: the volume holding the database; "
+                                    "when empty the operator creates the claim <name>-store.")
+    storage_size: str = Field(default="1Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Mi|Gi|Ti)$",
+                              description="Size of the claim the operator creates for milvus-lite.")
+    storage_class_name: str | None = Field(default=None, description="Storage class of that claim.")
     collection: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$",
                                    description="Alias readers use; defaults to <namespace>_<name>.")
     index_type: Literal["FLAT", "AUTOINDEX", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN",
@@ -76,7 +78,7 @@ class StoreSpec(ApiModel):
 class VectorIndexSpec(ApiModel):
     model_config = validations(
         cel("!has(self.schedule) || self.schedule.split(' ').size() == 5",
-            "schedule must be a 5-field cron expression, e.g. '0 3 * * *'", "schedule"),
+            "schedule must be a 5-field cron expression, e.g. '0 3 * * *'", ".schedule"),
     )
     sources: list[SourceSpec] = Field(min_length=1, max_length=32)
     formats: list[DocumentFormat] = Field(default_factory=lambda: ["txt", "md", "pdf", "html"], min_length=1)

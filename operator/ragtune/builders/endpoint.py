@@ -1,0 +1,214 @@
+"""HybridEndpoint → workload ConfigMap + (Deployment running Ray Serve in one pod | KubeRay RayService) + Service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from ..api.hybridendpoint import HybridEndpointSpec
+from ..api.workload import CONFIG_FILE, CONFIG_MOUNT, AdapterRef, OwnerInfo, RetrievalTarget, ServeConfig
+from . import common
+
+COMPONENT = "serve"
+ADAPTER_MOUNT = "/adapters"
+STORE_MOUNT = "/store"
+MODEL_MOUNT = "/model"
+RAY_VERSION = "2.60.0"
+SERVE_IMPORT_PATH = "ragtune_workloads.serve.app:build_app"
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """The adapter a FineTuneJob produced (or a URI), as the endpoint mounts it."""
+
+    name: str
+    uri: str
+    digest: str | None
+    base_model: str | None
+    claim_name: str | None = None   # the volume that holds it, when it lives on a PVC
+    sub_path: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedIndex:
+    name: str
+    collection: str
+    store_uri: str
+    embedding_model: str
+    version: str | None
+    claim_name: str | None = None
+    sub_path: str = ""
+
+
+def names(owner: OwnerInfo) -> dict[str, str]:
+    return {"config": f"{owner.name}-config", "deployment": owner.name, "service": owner.name,
+            "rayservice": owner.name}
+
+
+def served_name(owner: OwnerInfo, spec: HybridEndpointSpec) -> str:
+    return spec.model.served_name or owner.name
+
+
+def workload_config(owner: OwnerInfo, spec: HybridEndpointSpec, adapter: ResolvedAdapter | None,
+                    index: ResolvedIndex | None) -> ServeConfig:
+    adapter_ref = None
+    if adapter:
+        path = adapter.uri
+        if adapter.claim_name:
+            path = f"{ADAPTER_MOUNT}/{adapter.name}/{adapter.sub_path}".rstrip("/")
+        adapter_ref = AdapterRef(name=adapter.name, path=path, digest=adapter.digest, base_model=adapter.base_model)
+    retrieval = None
+    if index:
+        uri = index.store_uri
+        if index.claim_name:
+            uri = f"{STORE_MOUNT}/{index.sub_path}".rstrip("/")
+        retrieval = RetrievalTarget(store_uri=uri, collection=index.collection, embedding_model=index.embedding_model)
+    model_path = None
+    if spec.model.source == "pvc" and spec.model.pvc:
+        model_path = f"{MODEL_MOUNT}/{spec.model.pvc.path.lstrip('/')}".rstrip("/")
+    api_key_file = "/var/run/ragtune/api-key/api-key" if spec.api_key_secret else None
+    return ServeConfig(owner=owner, spec=spec, model_path=model_path, adapter=adapter_ref, retrieval=retrieval,
+                       api_key_file=api_key_file)
+
+
+def image(spec: HybridEndpointSpec) -> str:
+    return spec.image or common.IMAGES["serve-gpu" if spec.resources.gpu else "serve"]
+
+
+def _volumes(spec: HybridEndpointSpec, config_name: str, adapter: ResolvedAdapter | None,
+             index: ResolvedIndex | None) -> tuple[list[dict], list[dict]]:
+    volume, mount = common.config_volume(config_name)
+    volumes, mounts = [volume], [mount]
+    if adapter and adapter.claim_name:
+        volumes.append({"name": "adapter", "persistentVolumeClaim": {"claimName": adapter.claim_name,
+                                                                      "readOnly": True}})
+        mounts.append({"name": "adapter", "mountPath": f"{ADAPTER_MOUNT}/{adapter.name}", "readOnly": True})
+    if index and index.claim_name:
+        volumes.append({"name": "store", "persistentVolumeClaim": {"claimName": index.claim_name}})
+        mounts.append({"name": "store", "mountPath": STORE_MOUNT})
+    if spec.model.source == "pvc" and spec.model.pvc:
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.pvc.claim_name,
+                                                                    "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    if spec.api_key_secret:
+        volumes.append({"name": "api-key", "secret": {"secretName": spec.api_key_secret}})
+        mounts.append({"name": "api-key", "mountPath": "/var/run/ragtune/api-key", "readOnly": True})
+    volumes.append({"name": "tmp", "emptyDir": {}})
+    mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    return volumes, mounts
+
+
+def serve_container(spec: HybridEndpointSpec, mounts: list[dict], command: list[str] | None) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": "serve",
+        "image": image(spec),
+        "env": common.pod_env() + [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "RAY_AUTH_MODE",
+                                                                               "value": "disabled"}],
+        "ports": [{"name": "http", "containerPort": spec.port}],
+        "resources": common.container_resources(spec.resources),
+        "volumeMounts": mounts,
+        "securityContext": common.restricted_container_security(),
+    }
+    if command:
+        container["command"] = command
+        container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
+        container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20,
+                                      "failureThreshold": 6, "initialDelaySeconds": 120}
+    return container
+
+
+def build(body: dict[str, Any], spec: HybridEndpointSpec, runtime: str, adapter: ResolvedAdapter | None,
+          index: ResolvedIndex | None) -> list[dict[str, Any]]:
+    """`runtime` is already resolved: rayservice or deployment."""
+    owner = common.owner_info(body)
+    n = names(owner)
+    labels = common.labels(owner, COMPONENT)
+    config = common.config_map(n["config"], owner, COMPONENT, workload_config(owner, spec, adapter, index))
+    config_digest = common.digest(config["data"])
+    volumes, mounts = _volumes(spec, n["config"], adapter, index)
+    children = [config]
+    if runtime == "rayservice":
+        children.append(rayservice(owner, spec, n, labels, volumes, mounts, config_digest))
+    else:
+        children.append(deployment(owner, spec, n, labels, volumes, mounts, config_digest))
+    children.append(service(owner, spec, n, labels, runtime))
+    return children
+
+
+def deployment(owner, spec, n, labels, volumes, mounts, config_digest) -> dict[str, Any]:
+    command = ["python", "-m", "ragtune_workloads.serve", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}",
+               "--port", str(spec.port)]
+    selector = {"app.kubernetes.io/instance": owner.name, "app.kubernetes.io/name": COMPONENT}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": n["deployment"], "namespace": owner.namespace, "labels": labels},
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector},
+            # A new adapter or index version rolls pods one at a time and never drops below the wanted count.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {"ragtune.io/config-digest": config_digest}},
+                "spec": {
+                    "serviceAccountName": common.WORKLOAD_SERVICE_ACCOUNT,
+                    "securityContext": common.restricted_pod_security(),
+                    "containers": [serve_container(spec, mounts, command)],
+                    "volumes": volumes,
+                    **common.placement(spec.resources),
+                },
+            },
+        },
+    }
+
+
+def serve_config_v2(owner: OwnerInfo, spec: HybridEndpointSpec) -> str:
+    deployments = []
+    if spec.autoscaling:
+        deployments.append({"name": "Generator", "autoscaling_config": {
+            "min_replicas": spec.autoscaling.min_replicas, "max_replicas": spec.autoscaling.max_replicas,
+            "target_ongoing_requests": spec.autoscaling.target_ongoing_requests}})
+    else:
+        deployments.append({"name": "Generator", "num_replicas": max(spec.replicas, 1)})
+    app = {"name": owner.name, "route_prefix": "/", "import_path": SERVE_IMPORT_PATH,
+           "args": {"config": f"{CONFIG_MOUNT}/{CONFIG_FILE}"}, "deployments": deployments}
+    return yaml.safe_dump({"applications": [app]}, sort_keys=False)
+
+
+def rayservice(owner, spec, n, labels, volumes, mounts, config_digest) -> dict[str, Any]:
+    container = serve_container(spec, mounts, None)
+    container["ports"] = [{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
+                          {"name": "serve", "containerPort": 8000}]
+    pod = {"metadata": {"labels": labels, "annotations": {"ragtune.io/config-digest": config_digest}},
+           "spec": {"serviceAccountName": common.WORKLOAD_SERVICE_ACCOUNT,
+                    "securityContext": common.restricted_pod_security(),
+                    "containers": [container], "volumes": volumes, **common.placement(spec.resources)}}
+    return {
+        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "metadata": {"name": n["rayservice"], "namespace": owner.namespace, "labels": labels},
+        "spec": {
+            "serveConfigV2": serve_config_v2(owner, spec),
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0"}, "template": pod},
+            },
+        },
+    }
+
+
+def service(owner, spec, n, labels, runtime: str) -> dict[str, Any]:
+    if runtime == "rayservice":
+        # KubeRay labels the pods that serve traffic; ragtune's Service fronts them under the endpoint's name.
+        selector = {"ray.io/serve": "true", "app.kubernetes.io/instance": owner.name}
+    else:
+        selector = {"app.kubernetes.io/instance": owner.name, "app.kubernetes.io/name": COMPONENT}
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": n["service"], "namespace": owner.namespace, "labels": labels},
+        "spec": {"selector": selector, "ports": [{"name": "http", "port": spec.port, "targetPort": spec.port}]},
+    }
+
+
+def url(owner: OwnerInfo, spec: HybridEndpointSpec) -> str:
+    return f"http://{owner.name}.{owner.namespace}.svc.cluster.local:{spec.port}/v1"
