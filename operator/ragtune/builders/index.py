@@ -23,10 +23,19 @@ def collection_name(owner: OwnerInfo, spec: VectorIndexSpec) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", f"{owner.namespace}_{owner.name}")
 
 
+def store_claim(owner: OwnerInfo, spec: VectorIndexSpec) -> tuple[str, str] | None:
+    """(claim name, path inside it) of the milvus-lite volume; None for a Milvus server."""
+    if spec.store.backend == "milvus":
+        return None
+    if spec.store.pvc:
+        return spec.store.pvc.claim_name, (spec.store.pvc.path or "").strip("/")
+    return f"{owner.name}-store", ""
+
+
 def store_uri(owner: OwnerInfo, spec: VectorIndexSpec) -> str:
     if spec.store.backend == "milvus":
         return spec.store.uri
-    path = (spec.store.pvc.path or "").strip("/")
+    path = store_claim(owner, spec)[1]
     return f"{STORE_MOUNT}/{path + '/' if path else ''}{collection_name(owner, spec)}.db"
 
 
@@ -55,8 +64,9 @@ def workload_config(owner: OwnerInfo, spec: VectorIndexSpec) -> IndexConfig:
     if spec.embedding.source == "pvc" and spec.embedding.pvc:
         model_path = f"{MODEL_MOUNT}/{spec.embedding.pvc.path.lstrip('/')}".rstrip("/")
     state = None
-    if spec.store.backend == "milvus-lite":
-        state = f"{STORE_MOUNT}/{(spec.store.pvc.path or '').strip('/')}".rstrip("/") + "/.ragtune-state"
+    claim = store_claim(owner, spec)
+    if claim:
+        state = f"{STORE_MOUNT}/{claim[1]}".rstrip("/") + "/.ragtune-state"
     return IndexConfig(owner=owner, spec=spec, source_paths=paths, model_path=model_path,
                        store_uri=store_uri(owner, spec), collection=collection_name(owner, spec), state_path=state)
 
@@ -83,8 +93,9 @@ def pod_template(owner: OwnerInfo, spec: VectorIndexSpec, config_name: str, conf
         volumes.append({"name": "embedding-model", "persistentVolumeClaim": {
             "claimName": spec.embedding.pvc.claim_name, "readOnly": True}})
         mounts.append({"name": "embedding-model", "mountPath": MODEL_MOUNT, "readOnly": True})
-    if spec.store.backend == "milvus-lite":
-        volumes.append({"name": "store", "persistentVolumeClaim": {"claimName": spec.store.pvc.claim_name}})
+    claim = store_claim(owner, spec)
+    if claim:
+        volumes.append({"name": "store", "persistentVolumeClaim": {"claimName": claim[0]}})
         mounts.append({"name": "store", "mountPath": STORE_MOUNT})
     elif spec.store.token_secret:
         env.append(common.secret_env("MILVUS_TOKEN", spec.store.token_secret.name, spec.store.token_secret.key))
@@ -122,7 +133,10 @@ def build(body: dict[str, Any], spec: VectorIndexSpec) -> list[dict[str, Any]]:
     job_spec: dict[str, Any] = {"backoffLimit": spec.backoff_limit, "template": template}
     if spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    children = [
+    children: list[dict[str, Any]] = []
+    if spec.store.backend == "milvus-lite" and not spec.store.pvc:
+        children.append(store_pvc(owner, spec))
+    children += [
         config,
         {"apiVersion": "batch/v1", "kind": "Job",
          "metadata": {"name": n["job"], "namespace": owner.namespace,
@@ -138,3 +152,18 @@ def build(body: dict[str, Any], spec: VectorIndexSpec) -> list[dict[str, Any]]:
                      "jobTemplate": {"metadata": {"labels": labels}, "spec": job_spec}},
         })
     return children
+
+
+def store_pvc(owner: OwnerInfo, spec: VectorIndexSpec) -> dict[str, Any]:
+    """The milvus-lite volume the operator provides when the spec names none. Under deletion policy Retain it is
+    not owned by the VectorIndex, so deleting the index keeps the data."""
+    pvc: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": store_claim(owner, spec)[0], "namespace": owner.namespace,
+                     "labels": common.labels(owner, COMPONENT),
+                     "annotations": {"ragtune.io/deletion-policy": spec.deletion_policy}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": spec.store.storage_size}}},
+    }
+    if spec.store.storage_class_name:
+        pvc["spec"]["storageClassName"] = spec.store.storage_class_name
+    return pvc

@@ -1,0 +1,41 @@
+"""`python -m ragtune run`: run the operator against the current kubeconfig (or in-cluster config)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ragtune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator")
+    run.add_argument("--namespace", "-n", action="append", default=None,
+                     help="watch only these namespaces (repeatable); all namespaces when omitted")
+    run.add_argument("--standalone", action="store_true", help="no peering (one operator replica)")
+    run.add_argument("--liveness", default=os.environ.get("RAGTUNE_LIVENESS", "http://0.0.0.0:8081/healthz"),
+                     help="health probe endpoint")
+    run.add_argument("--verbose", "-v", action="store_true")
+    args = parser.parse_args(argv)
+
+    import kopf
+
+    from . import controllers  # noqa: F401  registers the handlers
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    namespaces = args.namespace or ([os.environ["RAGTUNE_NAMESPACE"]] if os.environ.get("RAGTUNE_NAMESPACE") else [])
+    asyncio.run(kopf.operator(
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        standalone=args.standalone,
+        liveness_endpoint=args.liveness or None,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Operator-wide settings, in one startup handler, and the metrics endpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+PREFIX = "ragtune.io"
+log = logging.getLogger(__name__)
+_metrics_started = False
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Handler progress and the last handled spec live in annotations under our own prefix.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    # ragtune posts its own events on condition transitions; kopf's per-handler chatter stays in the log.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = int(os.environ.get("RAGTUNE_WORKERS", "16"))
+    settings.batching.worker_limit = None
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 30
+    # Peering: several replicas elect one active operator; without the peering CRDs it runs standalone.
+    settings.peering.name = os.environ.get("RAGTUNE_PEERING", "ragtune")
+    settings.peering.mandatory = False
+    settings.peering.clusterwide = not os.environ.get("RAGTUNE_NAMESPACE")
+    start_metrics()
+
+
+def start_metrics() -> None:
+    global _metrics_started
+    port = int(os.environ.get("RAGTUNE_METRICS_PORT", "8080"))
+    if _metrics_started or port == 0:
+        return
+    start_http_server(port, addr=os.environ.get("RAGTUNE_METRICS_ADDR", "0.0.0.0"))
+    _metrics_started = True
+    log.info("metrics on :%d/metrics", port)

@@ -1,0 +1,126 @@
+"""What the three controllers share: the API client, per-object locks, status writes, metrics."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+from prometheus_client import Counter, Histogram
+
+from .. import conditions as c
+from ..builders import common
+from ..kube import Api
+
+RECONCILES = Counter("ragtune_reconciles_total", "Reconciliations by kind and result", ["kind", "result"])
+ERRORS = Counter("ragtune_reconcile_errors_total", "Reconciliations that raised, by kind", ["kind"])
+DURATION = Histogram("ragtune_reconcile_duration_seconds", "Reconciliation time by kind", ["kind"],
+                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+MANAGED = {"app.kubernetes.io/managed-by": common.MANAGED_BY}
+RETAIN_ANNOTATION = "ragtune.io/deletion-policy"
+
+_api: Api | None = None
+_api_lock = threading.Lock()
+_object_locks: dict[tuple[str, str, str], threading.RLock] = defaultdict(threading.RLock)
+_workload_rbac_done: set[str] = set()
+
+
+def api() -> Api:
+    global _api
+    with _api_lock:
+        if _api is None:
+            _api = Api()
+        return _api
+
+
+def set_api(value: Api | None) -> None:
+    """Lets an embedding (tests, the benchmark) point the controllers at a given cluster."""
+    global _api
+    with _api_lock:
+        _api = value
+    _workload_rbac_done.clear()
+
+
+def object_lock(plural: str, namespace: str, name: str) -> threading.RLock:
+    return _object_locks[(plural, namespace, name)]
+
+
+def instrumented(kind: str) -> Callable:
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                result = fn(*args, **kwargs)
+            except kopf.TemporaryError:
+                RECONCILES.labels(kind, "retry").inc()
+                raise
+            except Exception:
+                ERRORS.labels(kind).inc()
+                RECONCILES.labels(kind, "error").inc()
+                raise
+            finally:
+                DURATION.labels(kind).observe(time.perf_counter() - started)
+            RECONCILES.labels(kind, "success").inc()
+            return result
+        return run
+    return wrap
+
+
+def ensure_workload_identity(namespace: str) -> None:
+    if namespace in _workload_rbac_done:
+        return
+    for obj in common.workload_rbac(namespace):
+        api().ensure(obj)
+    _workload_rbac_done.add(namespace)
+
+
+def apply_children(body: dict[str, Any], children: list[dict[str, Any]]) -> dict[str, str]:
+    """Adopts and applies each child; returns name → created|configured|unchanged."""
+    outcome = {}
+    for child in children:
+        if (child["metadata"].get("annotations") or {}).get(RETAIN_ANNOTATION) == "Retain":
+            # Kept when the owner goes (deletion policy Retain): labelled, namespaced, but not owned.
+            kopf.label(child, {"app.kubernetes.io/managed-by": common.MANAGED_BY})
+        else:
+            kopf.adopt(child, owner=body)
+        outcome[f"{child['kind']}/{child['metadata']['name']}"] = api().ensure(child)
+    return outcome
+
+
+def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desired: list[dict],
+                 events: bool = True, fresh: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Writes status fields and conditions only when something changed; stamps observedGeneration and posts
+    an event for every condition transition. Re-reads the object first so concurrent writers don't regress it."""
+    meta = body["metadata"]
+    current_obj = fresh or api().get_custom(plural, meta["name"], meta["namespace"])
+    if current_obj is None:
+        return {}
+    current = current_obj.get("status") or {}
+    generation = current_obj["metadata"].get("generation")
+    merged = c.merge_conditions(current.get("conditions"), desired, generation)
+    new_status = {**fields, "observedGeneration": generation, "conditions": merged}
+    changes = {k: v for k, v in new_status.items() if current.get(k) != v}
+    if not changes:
+        return current
+    api().patch_status(plural, meta["name"], meta["namespace"], changes)
+    if events:
+        for cond in c.transitions(current.get("conditions"), merged):
+            if cond["type"] == c.PROGRESSING:  # mirrors Ready; one event per transition is enough
+                continue
+            kind = "Warning" if cond["reason"] in WARNING_REASONS else "Normal"
+            api().event(current_obj, kind, cond["reason"], f"{cond['type']}={cond['status']}: {cond['message']}")
+    return {**current, **changes}
+
+
+WARNING_REASONS = {c.JOB_FAILED, c.BACKOFF_LIMIT_EXCEEDED, c.DEADLINE_EXCEEDED, c.UNSCHEDULABLE,
+                   c.BASE_MODEL_MISMATCH, c.ADAPTER_NOT_PROMOTABLE, c.REFERENCE_FAILED, c.REFERENCE_NOT_FOUND,
+                   c.EVALUATION_BELOW_THRESHOLD, c.MINIMUM_REPLICAS_UNAVAILABLE, "ResultMissing"}
+
+
+def owner_of(labels: dict[str, str] | None, kind: str) -> str | None:
+    return (labels or {}).get(f"ragtune.io/{kind.lower()}")

@@ -1,0 +1,167 @@
+"""VectorIndex: one indexing Job per spec version (+ a CronJob for refreshes); the active version stays Ready
+while a new one builds."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from .. import GROUP, VERSION
+from .. import statuses
+from ..api.vectorindex import VectorIndexSpec
+from ..builders import common
+from ..builders import index as builder
+from . import shared
+
+PLURAL = "vectorindexes"
+KIND = "VectorIndex"
+JOB_HISTORY = 2
+log = logging.getLogger(__name__)
+
+
+def parse_spec(spec: dict[str, Any]) -> VectorIndexSpec:
+    try:
+        return VectorIndexSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+@shared.instrumented(KIND)
+def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, **_: Any) -> None:
+    parsed = parse_spec(spec)
+    obj = dict(body)
+    children = builder.build(obj, parsed)
+    with shared.object_lock(PLURAL, namespace, name):
+        shared.ensure_workload_identity(namespace)
+        shared.apply_children(obj, children)
+        if not parsed.schedule:
+            shared.api().delete("batch/v1", "CronJob", f"{name}-refresh", namespace)
+        prune_jobs(namespace, name, current=builder.names(common.owner_info(obj), parsed)["job"])
+        refresh(obj, parsed)
+
+
+def prune_jobs(namespace: str, name: str, current: str) -> None:
+    """Finished Jobs of earlier spec versions beyond the history limit go (with their pods)."""
+    jobs = [j for j in shared.api().list("batch/v1", "Job", namespace, {"ragtune.io/vectorindex": name})
+            if j["metadata"]["name"] != current and j["metadata"]["name"].startswith(f"{name}-")
+            and not j["metadata"]["name"].startswith(f"{name}-refresh-")
+            and not (j.get("status") or {}).get("active")]
+    jobs.sort(key=lambda j: j["metadata"].get("creationTimestamp") or "", reverse=True)
+    for job in jobs[JOB_HISTORY:]:
+        shared.api().delete("batch/v1", "Job", job["metadata"]["name"], namespace)
+
+
+def latest_job(namespace: str, name: str, spec: VectorIndexSpec, owner: dict[str, Any]) -> dict | None:
+    """The Job whose result the status shows: the spec version's own Job, or a newer scheduled refresh."""
+    api = shared.api()
+    current = builder.names(common.owner_info(owner), spec)["job"]
+    jobs = api.list("batch/v1", "Job", namespace, {"ragtune.io/vectorindex": name})
+    candidates = [j for j in jobs if j["metadata"]["name"] == current
+                  or j["metadata"]["name"].startswith(f"{name}-refresh-")]
+    return max(candidates, key=lambda j: j["metadata"].get("creationTimestamp") or "", default=None)
+
+
+def refresh(body: dict[str, Any], spec: VectorIndexSpec | None = None) -> None:
+    meta = body["metadata"]
+    spec = spec or parse_spec(body["spec"])
+    fresh = shared.api().get_custom(PLURAL, meta["name"], meta["namespace"])
+    if fresh is None:
+        return
+    job = latest_job(meta["namespace"], meta["name"], spec, fresh)
+    pods = shared.api().list("v1", "Pod", meta["namespace"], {"job-name": job["metadata"]["name"]}) if job else []
+    previous = fresh.get("status") or {}
+    fields, conds = statuses.vectorindex(job, pods, previous)
+    fields["progressText"] = fields.get("progressText") or {"Pending": "pending", "Running": "starting",
+                                                            "Failed": "failed"}.get(fields["phase"], "")
+    if spec.schedule:
+        fields["nextRunTime"] = next_run(spec.schedule, spec.suspend)
+    shared.write_status(PLURAL, fresh, fields, conds, fresh=fresh)
+
+
+def next_run(schedule: str, suspended: bool) -> str | None:
+    if suspended:
+        return None
+    try:
+        from croniter import croniter  # optional: the CronJob runs on schedule either way
+    except ImportError:
+        return None
+    from datetime import datetime, timezone
+    return croniter(schedule, datetime.now(timezone.utc)).get_next(datetime).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def refresh_owner(namespace: str, labels: dict[str, str] | None) -> None:
+    name = shared.owner_of(labels, KIND)
+    if not name:
+        return
+    owner = shared.api().get_custom(PLURAL, name, namespace)
+    if owner is not None:
+        with shared.object_lock(PLURAL, namespace, name):
+            refresh(owner)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={"ragtune.io/vectorindex": kopf.PRESENT})
+def job_changed(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+    if type is not None:
+        refresh_owner(namespace, labels)
+
+
+@kopf.on.event("", "v1", "pods", labels={"ragtune.io/vectorindex": kopf.PRESENT})
+def pod_changed(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+    if type is not None:
+        refresh_owner(namespace, labels)
+
+
+def _drops_external_collection(spec: kopf.Spec, **_: Any) -> bool:
+    return spec.get("deletionPolicy") == "Delete" and (spec.get("store") or {}).get("backend") == "milvus"
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_drops_external_collection, retries=3, backoff=5, timeout=120)
+def drop_collection(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, retry: int, **_: Any) -> None:
+    """Deletion policy Delete on a Milvus server: drop every version of the collection. Bounded retries and a
+    timeout: after them the finalizer is released anyway with a warning, so deletion is never blocked forever."""
+    parsed = parse_spec(spec)
+    owner = common.owner_info(dict(body))
+    collection = builder.collection_name(owner, parsed)
+    try:
+        dropped = drop_versions(parsed.store.uri, collection, token_for(parsed, namespace))
+    except Exception as exc:
+        if retry >= 2:
+            shared.api().event(dict(body), "Warning", "CollectionNotDropped",
+                               f"giving up on dropping {collection} at {parsed.store.uri}: {exc}; drop it by hand")
+            return
+        raise kopf.TemporaryError(f"dropping {collection}: {exc}", delay=5) from exc
+    shared.api().event(dict(body), "Normal", "CollectionDropped", f"dropped {', '.join(dropped) or 'nothing'}")
+
+
+def token_for(spec: VectorIndexSpec, namespace: str) -> str | None:
+    ref = spec.store.token_secret
+    if not ref:
+        return None
+    secret = shared.api().get("v1", "Secret", ref.name, namespace)
+    import base64
+    data = ((secret or {}).get("data") or {}).get(ref.key)
+    return base64.b64decode(data).decode() if data else None
+
+
+def drop_versions(uri: str, collection: str, token: str | None) -> list[str]:
+    from pymilvus import MilvusClient  # only needed for deletion policy Delete on a Milvus server
+    milvus = MilvusClient(uri=uri, token=token or "", timeout=20)
+    try:
+        dropped = []
+        names = [n for n in milvus.list_collections() if n == collection or n.startswith(f"{collection}_v")]
+        try:
+            milvus.drop_alias(alias=collection)
+        except Exception:  # no alias by that name
+            pass
+        for n in names:
+            milvus.drop_collection(n)
+            dropped.append(n)
+        return dropped
+    finally:
+        milvus.close()
