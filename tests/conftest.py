@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import localcluster  # noqa: E402
 from kube import Kube  # noqa: E402
+from operator_process import OperatorProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +34,25 @@ def cluster():
 @pytest.fixture(scope="session")
 def kube(cluster) -> Kube:
     return Kube(cluster, localcluster.binaries_dir() / "kubectl")
+
+
+@pytest.fixture(scope="session")
+def crds(kube: Kube):
+    """ragtune's CRDs, installed from crds/ as users install them."""
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    for crd in ("finetunejobs", "vectorindexes", "hybridendpoints"):
+        kube.wait_condition("apiextensions.k8s.io/v1", "CustomResourceDefinition", f"{crd}.ragtune.io", None,
+                            "Established")
+    return ROOT / "crds"
+
+
+@pytest.fixture(scope="session")
+def ragtune_operator(kube: Kube, crds, tmp_path_factory):
+    """One operator process for the session; tests that kill it restart it before they end."""
+    operator = OperatorProcess(kube.kubeconfig, tmp_path_factory.mktemp("operator"))
+    operator.start()
+    yield operator
+    operator.stop()
 
 
 @pytest.fixture

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # kopf logs every handler run at INFO; ragtune's own events and warnings are what operators read.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     namespaces = args.namespace or ([os.environ["RAGTUNE_NAMESPACE"]] if os.environ.get("RAGTUNE_NAMESPACE") else [])
     asyncio.run(kopf.operator(
         clusterwide=not namespaces,

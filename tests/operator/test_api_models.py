@@ -1,0 +1,82 @@
+"""The pydantic models are the source of truth: defaults, CRD rendering, drift check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from ragtune import conditions as c
+from ragtune.api.crdgen import KINDS, crd, render_all
+from ragtune.api.finetunejob import FineTuneJobSpec
+from ragtune.api.hybridendpoint import DEFAULT_RAG_SYSTEM_PROMPT, HybridEndpointSpec
+from ragtune.manifests import ROOT
+
+
+def walk(schema: dict):
+    yield schema
+    for prop in (schema.get("properties") or {}).values():
+        yield from walk(prop)
+    if isinstance(schema.get("items"), dict):
+        yield from walk(schema["items"])
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from walk(schema["additionalProperties"])
+
+
+def test_generated_schemas_are_structural():
+    for kind in KINDS:
+        schema = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for node in walk(schema):
+            assert not {"$ref", "anyOf", "oneOf", "allOf", "$defs"} & set(node), node
+            assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), node
+
+
+def test_crds_carry_short_names_category_status_and_printer_columns():
+    shorts = {k.kind: crd(k)["spec"]["names"]["shortNames"] for k in KINDS}
+    assert shorts == {"FineTuneJob": ["ftj"], "VectorIndex": ["vix"], "HybridEndpoint": ["hep"]}
+    for kind in KINDS:
+        rendered = crd(kind)
+        version = rendered["spec"]["versions"][0]
+        assert rendered["spec"]["names"]["categories"] == ["ragtune"]
+        assert version["subresources"] == {"status": {}}
+        columns = [col["name"] for col in version["additionalPrinterColumns"]]
+        assert columns[:2] == ["Ready", "Reason"] and columns[-1] == "Age"
+
+
+def test_finetune_defaults_are_the_seed_recipe():
+    spec = FineTuneJobSpec.model_validate({"dataset": {"source": "inline", "rows": [{"a": 1}]},
+                                           "output": {"pvc": {"claimName": "x"}}})
+    assert (spec.lora.r, spec.lora.alpha, spec.lora.dropout, spec.lora.target_modules) == (16, 32, 0.05,
+                                                                                            ["all-linear"])
+    t = spec.training
+    assert (t.learning_rate, t.epochs, t.batch_size, t.gradient_accumulation_steps) == (1e-4, 2, 2, 8)
+
+
+def test_crd_defaults_match_the_model_defaults():
+    ftj = yaml.safe_load(render_all()["ragtune.io_finetunejobs.yaml"])
+    spec_schema = ftj["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec_schema["properties"]["lora"]["default"] == {"r": 16, "alpha": 32, "dropout": 0.05,
+                                                            "targetModules": ["all-linear"]}
+
+
+def test_rag_prompt_tells_the_model_to_use_only_the_context():
+    assert "ONLY the context" in DEFAULT_RAG_SYSTEM_PROMPT and "don't know" in DEFAULT_RAG_SYSTEM_PROMPT
+    assert HybridEndpointSpec.model_validate({"mode": "rag", "retrieval": {"vectorIndexRef": {"name": "d"}}}
+                                             ).prompt.template.count("{context}") == 1
+
+
+def test_generated_files_are_in_sync_with_the_models():
+    result = subprocess.run([sys.executable, "-m", "ragtune.manifests", "verify"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_conditions_keep_transition_time_until_status_flips():
+    first = c.merge_conditions([], [c.condition(c.READY, False, c.PENDING, "x")], 1)
+    first[0]["lastTransitionTime"] = "2020-01-01T00:00:00Z"
+    same = c.merge_conditions(first, [c.condition(c.READY, False, c.JOB_RUNNING, "y")], 2)
+    flipped = c.merge_conditions(same, [c.condition(c.READY, True, c.JOB_SUCCEEDED, "z")], 2)
+    assert same[0]["lastTransitionTime"] == "2020-01-01T00:00:00Z" and same[0]["observedGeneration"] == 2
+    assert flipped[0]["lastTransitionTime"] != "2020-01-01T00:00:00Z"
+    assert [t["type"] for t in c.transitions(same, flipped)] == [c.READY]

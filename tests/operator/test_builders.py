@@ -1,0 +1,161 @@
+"""Builders are pure: spec in, Kubernetes objects out."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from ragtune.api.finetunejob import FineTuneJobSpec
+from ragtune.api.hybridendpoint import HybridEndpointSpec
+from ragtune.api.vectorindex import VectorIndexSpec
+from ragtune.api.workload import FineTuneConfig, IndexConfig, ServeConfig
+from ragtune.builders import endpoint, finetune, index
+
+
+def body(kind: str, name: str = "demo", namespace: str = "team-a") -> dict:
+    return {"apiVersion": "ragtune.io/v1alpha1", "kind": kind,
+            "metadata": {"name": name, "namespace": namespace, "uid": "u-1", "generation": 3}}
+
+
+def ftj_spec(**overrides) -> FineTuneJobSpec:
+    raw = {"dataset": {"source": "configMap", "configMap": {"name": "rows", "key": "train.jsonl"}},
+           "output": {"pvc": {"claimName": "adapters", "path": "runs/demo"}}}
+    raw.update(overrides)
+    return FineTuneJobSpec.model_validate(raw)
+
+
+def by_kind(objs: list[dict]) -> dict[str, dict]:
+    return {o["kind"]: o for o in objs}
+
+
+def test_finetune_job_runs_the_workload_with_its_config_and_restricted_security():
+    objs = by_kind(finetune.build(body("FineTuneJob"), ftj_spec()))
+    config = FineTuneConfig.model_validate_json(objs["ConfigMap"]["data"]["config.json"])
+    assert config.dataset_path == "/data/train.jsonl"
+    assert config.output_path == "/output/runs/demo"
+    assert config.owner.name == "demo" and config.owner.generation == 3
+    job = objs["Job"]
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"][-2:] == ["--config", "/etc/ragtune/config.json"]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                            "runAsNonRoot": True}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 2
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/data"]["readOnly"] and "/output" in mounts
+    env = {e["name"] for e in container["env"]}
+    assert {"POD_NAME", "POD_NAMESPACE"} <= env
+
+
+def test_gpu_finetune_asks_for_gpus_tolerates_their_taint_and_uses_the_gpu_image():
+    spec = ftj_spec(resources={"gpu": 2, "nodeSelector": {"pool": "a100"}, "priorityClassName": "training"},
+                    method="qlora", activeDeadlineSeconds=3600)
+    job = by_kind(finetune.build(body("FineTuneJob"), spec))["Job"]
+    pod = job["spec"]["template"]["spec"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "2"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"pool": "a100"} and pod["priorityClassName"] == "training"
+    assert "gpu" in pod["containers"][0]["image"]
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+
+
+def test_hub_token_and_image_override_reach_the_pod():
+    spec = ftj_spec(model={"name": "org/m", "tokenSecret": {"name": "hf", "key": "token"}}, image="my/img:1")
+    container = by_kind(finetune.build(body("FineTuneJob"), spec))["Job"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "my/img:1"
+    token = next(e for e in container["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+
+
+VIX = {"sources": [{"pvc": {"claimName": "docs", "path": "manuals"}, "glob": "**/*.md"},
+                   {"inline": [{"name": "a.md", "text": "hi"}]}]}
+
+
+def test_index_job_name_changes_with_what_is_indexed_not_with_the_schedule():
+    base = VectorIndexSpec.model_validate(VIX)
+    rechunked = VectorIndexSpec.model_validate({**VIX, "chunking": {"size": 128, "overlap": 16}})
+    scheduled = VectorIndexSpec.model_validate({**VIX, "schedule": "0 3 * * *", "deletionPolicy": "Delete"})
+    owner = finetune.common.owner_info(body("VectorIndex"))
+    assert index.names(owner, base)["job"] != index.names(owner, rechunked)["job"]
+    assert index.names(owner, base)["job"] == index.names(owner, scheduled)["job"]
+
+
+def test_index_builds_a_store_claim_config_and_a_cronjob_for_a_schedule():
+    spec = VectorIndexSpec.model_validate({**VIX, "schedule": "0 3 * * *", "suspend": True})
+    objs = index.build(body("VectorIndex"), spec)
+    kinds = [o["kind"] for o in objs]
+    assert kinds == ["PersistentVolumeClaim", "ConfigMap", "Job", "CronJob"]
+    pvc, config_map, job, cron = objs
+    assert pvc["metadata"]["name"] == "demo-store"
+    assert pvc["metadata"]["annotations"]["ragtune.io/deletion-policy"] == "Retain"
+    config = IndexConfig.model_validate_json(config_map["data"]["config.json"])
+    assert config.source_paths == ["/sources/0/manuals", None]
+    assert config.store_uri == "/store/team_a_demo.db" and config.collection == "team_a_demo"
+    assert cron["spec"]["suspend"] is True and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"]["jobTemplate"]["spec"]["template"] == job["spec"]["template"]
+
+
+def test_index_on_a_milvus_server_needs_no_claim_and_gets_its_token():
+    spec = VectorIndexSpec.model_validate({**VIX, "store": {"backend": "milvus", "uri": "http://milvus:19530",
+                                                            "tokenSecret": {"name": "milvus", "key": "token"}}})
+    objs = by_kind(index.build(body("VectorIndex"), spec))
+    assert "PersistentVolumeClaim" not in objs
+    env = objs["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert any(e["name"] == "MILVUS_TOKEN" for e in env)
+
+
+HEP = {"mode": "hybrid", "model": {"name": "base/m", "adapter": {"fineTuneJobRef": {"name": "ft"}}},
+       "retrieval": {"vectorIndexRef": {"name": "docs"}}, "apiKeySecret": "keys"}
+ADAPTER = endpoint.ResolvedAdapter(name="ft", uri="pvc://adapters/ft/adapter", digest="sha256:abc",
+                                   base_model="base/m", claim_name="adapters", sub_path="ft/adapter")
+INDEX = endpoint.ResolvedIndex(name="docs", collection="ns_docs", store_uri="/store/ns_docs.db",
+                               embedding_model="all-MiniLM-L6-v2", version="v2", claim_name="docs-store",
+                               sub_path="ns_docs.db")
+
+
+def test_endpoint_deployment_mounts_adapter_index_and_key_and_rolls_without_downtime():
+    spec = HybridEndpointSpec.model_validate(HEP)
+    objs = by_kind(endpoint.build(body("HybridEndpoint"), spec, "deployment", ADAPTER, INDEX))
+    config = ServeConfig.model_validate_json(objs["ConfigMap"]["data"]["config.json"])
+    assert config.adapter.path == "/adapters/ft/ft/adapter" and config.adapter.digest == "sha256:abc"
+    assert config.retrieval.store_uri == "/store/ns_docs.db"
+    assert config.api_key_file == "/var/run/ragtune/api-key/api-key"
+    deployment = objs["Deployment"]
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    pod = deployment["spec"]["template"]
+    assert pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert objs["Service"]["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_a_new_adapter_changes_the_pod_template_so_the_deployment_rolls():
+    spec = HybridEndpointSpec.model_validate(HEP)
+    first = by_kind(endpoint.build(body("HybridEndpoint"), spec, "deployment", ADAPTER, INDEX))["Deployment"]
+    newer = endpoint.ResolvedAdapter(**{**ADAPTER.__dict__, "name": "ft2", "digest": "sha256:def"})
+    second = by_kind(endpoint.build(body("HybridEndpoint"), spec, "deployment", newer, INDEX))["Deployment"]
+    digest = lambda d: d["spec"]["template"]["metadata"]["annotations"]["ragtune.io/config-digest"]  # noqa: E731
+    assert digest(first) != digest(second)
+    assert first["metadata"]["name"] == second["metadata"]["name"]
+
+
+def test_rayservice_runtime_renders_serve_config_v2_from_the_same_config():
+    spec = HybridEndpointSpec.model_validate({**HEP, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}})
+    objs = by_kind(endpoint.build(body("HybridEndpoint"), spec, "rayservice", ADAPTER, INDEX))
+    assert "Deployment" not in objs
+    serve = yaml.safe_load(objs["RayService"]["spec"]["serveConfigV2"])
+    app = serve["applications"][0]
+    assert app["import_path"] == "ragtune_workloads.serve.app:build_app"
+    assert app["args"] == {"config": "/etc/ragtune/config.json"}
+    assert app["deployments"][0]["autoscaling_config"]["max_replicas"] == 4
+    head = objs["RayService"]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert any(v.get("configMap", {}).get("name") == "demo-config" for v in head["volumes"])
+
+
+def test_configs_round_trip_through_json_for_the_workloads():
+    spec = ftj_spec()
+    config = finetune.workload_config(finetune.common.owner_info(body("FineTuneJob")), spec)
+    again = FineTuneConfig.model_validate(json.loads(config.model_dump_json(by_alias=True)))
+    assert again == config
