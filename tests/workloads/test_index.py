@@ -1,0 +1,286 @@
+"""The indexing workload end to end on Cranfield, with the real model and real milvus-lite."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import MODEL_NAME, REPO, RecordingReporter, index_config
+from ragtune_workloads.index import cranfield
+from ragtune_workloads.index.chunking import chunk_document
+from ragtune_workloads.index.embedding import Embedder, ModelRef
+from ragtune_workloads.index.loaders import Document
+from ragtune_workloads.index.pipeline import run_index
+from ragtune_workloads.index.retrieval import ModelMismatchError, Retriever
+from ragtune_workloads.index.store import LITE_INDEX_TYPES
+
+# Measured on the 300-document subset (114 queries, grades 1-4 relevant): recall@10 0.627, nDCG@10 0.498 with
+# all-MiniLM-L6-v2, 256-token chunks, AUTOINDEX. Pinned a little lower so index build noise cannot flip it.
+RECALL_AT_10_FLOOR = 0.60
+NDCG_AT_10_FLOOR = 0.47
+ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'workloads'}", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, cranfield_subset) -> Path:
+    docs, _ = cranfield_subset
+    directory = tmp_path_factory.mktemp("corpus")
+    cranfield.write_corpus(docs, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def first_run(corpus, tmp_path_factory, embedder, model_path):
+    store = tmp_path_factory.mktemp("store")
+    config = index_config(corpus, store, model_path)
+    reporter = RecordingReporter()
+    result = run_index(config, reporter, embedder=embedder)
+    return config, result, reporter
+
+
+def ranked_docs(retriever: Retriever, query: str, k: int = 10) -> list[int]:
+    # Several chunks of one document can match; rank documents by their best chunk.
+    return cranfield.unique_docs(hit.metadata["path"] for hit in retriever.search(query, k=3 * k))[:k]
+
+
+def test_full_index_reports_documents_chunks_and_the_active_version(first_run, cranfield_subset, embedder):
+    config, result, reporter = first_run
+    docs, _ = cranfield_subset
+
+    assert result["documents"] == len(docs)
+    assert result["chunks"] >= len(docs)
+    assert (result["dimension"], result["embeddingModel"]) == (384, MODEL_NAME)
+    assert (result["activeCollection"], result["activeVersion"]) == ("cranfield_v1", "v1")
+    assert (result["added"], result["kept"], result["removed"]) == (result["chunks"], 0, 0)
+    assert result["skipped"] == [] and result["durationSeconds"] > 0
+
+    last = reporter.reports[-1]
+    assert (last["documents"], last["documentsTotal"]) == (len(docs), len(docs))
+    assert last["chunks"] == last["chunksTotal"] == result["chunks"]
+    phases = [report["phase"] for report in reporter.reports]
+    assert phases.index("Embedding") < phases.index("Writing") < phases.index("Switching") < phases.index("Done")
+    embedding = [r["chunks"] for r in reporter.reports if r["phase"] == "Embedding"]
+    assert embedding == sorted(embedding) and len(set(embedding)) > 2  # chunk progress moved batch by batch
+
+    with Retriever(config.store_uri, config.collection, embedder) as retriever:
+        assert retriever.active.chunks == result["chunks"]
+        hit = retriever.search("supersonic flow over a flat plate", k=1)[0]
+        source = (Path(config.source_paths[0]) / Path(hit.metadata["path"]).name).read_text()
+        assert source[hit.metadata["start"]:hit.metadata["end"]] == hit.text
+        assert hit.metadata["title"] and hit.metadata["chunk"] >= 0 and hit.version == "v1"
+
+
+def test_recall_at_10_on_cranfield_is_above_the_pinned_floor(first_run, cranfield_subset, embedder):
+    config, _, _ = first_run
+    _, queries = cranfield_subset
+    recalls, ndcgs = [], []
+    with Retriever(config.store_uri, config.collection, embedder) as retriever:
+        for text, relevant in queries.values():
+            ranked = ranked_docs(retriever, text)
+            recalls.append(cranfield.recall_at(ranked, relevant, 10))
+            ndcgs.append(cranfield.ndcg_at(ranked, relevant, 10))
+    assert statistics.mean(recalls) >= RECALL_AT_10_FLOOR
+    assert statistics.mean(ndcgs) >= NDCG_AT_10_FLOOR
+
+
+def test_incremental_rerun_embeds_only_what_changed(first_run, tmp_path, embedder, model_path):
+    config, first, _ = first_run
+    corpus, store = tmp_path / "corpus", tmp_path / "store"
+    shutil.copytree(config.source_paths[0], corpus)
+    shutil.copytree(config.store_uri, store)
+    rerun_config = index_config(corpus, store, model_path)
+
+    unchanged = run_index(rerun_config, RecordingReporter(), embedder=embedder)
+    assert (unchanged["embedded"], unchanged["added"], unchanged["removed"]) == (0, 0, 0)
+    assert unchanged["kept"] == first["chunks"]
+    assert unchanged["activeVersion"] == "v1"  # nothing changed: readers keep the same version
+    assert not (store / "cranfield" / "v2").exists()
+
+    def chunks_of(name: str) -> int:
+        doc = Document(path=name, title="", text=(corpus / name).read_text(), format="txt")
+        return len(chunk_document(doc, embedder.tokenizer, "tokens", 254, 32))
+
+    changed = next(p.name for p in sorted(corpus.iterdir()) if chunks_of(p.name) == 1)
+    removed = sorted(corpus.iterdir())[-1].name
+    removed_chunks = chunks_of(removed)
+    (corpus / changed).write_text((corpus / changed).read_text() + "Gyroscopic precession of rotor blades.\n")
+    (corpus / removed).unlink()
+    (corpus / "9999.txt").write_text("Icing on the wings of helicopters in arctic winter conditions.\n")
+
+    result = run_index(rerun_config, RecordingReporter(), embedder=embedder)
+
+    assert result["embedded"] == 2
+    assert (result["added"], result["removed"]) == (2, 1 + removed_chunks)
+    assert result["kept"] == first["chunks"] - 1 - removed_chunks
+    assert result["chunks"] == result["kept"] + result["added"]
+    assert result["activeVersion"] == "v2"
+    with Retriever(str(store), "cranfield", embedder) as retriever:
+        assert retriever.active.name == "v2"
+        assert retriever.search("helicopter wing icing in arctic winter", k=1)[0].metadata["path"] == "docs/9999.txt"
+        changed_hits = retriever.search("rotor blades", k=10, filter=f'metadata["path"] == "docs/{changed}"')
+        assert len(changed_hits) == 1 and changed_hits[0].text.endswith("Gyroscopic precession of rotor blades.")
+        removed_title = (Path(config.source_paths[0]) / removed).read_text().splitlines()[0]
+        paths = [hit.metadata["path"] for hit in retriever.search(removed_title, k=20)]
+        assert f"docs/{removed}" not in paths
+
+
+READER = """
+import json, sys, time
+from pathlib import Path
+from ragtune_workloads.index.embedding import Embedder, ModelRef
+from ragtune_workloads.index.retrieval import Retriever
+store, model_path, stop, out = sys.argv[1:5]
+retriever = Retriever(store, "small", Embedder(ModelRef(sys.argv[5], model_path)))
+with open(out, "w") as log:
+    print(json.dumps({"ready": retriever.active.name}), file=log, flush=True)
+    while not Path(stop).exists():
+        hits = retriever.search("pressure distribution on a cone at supersonic speed", k=5)
+        print(json.dumps({"versions": sorted({h.version for h in hits}), "ids": [h.id for h in hits]}),
+              file=log, flush=True)
+retriever.close()
+"""
+
+
+def version_ids(store: Path, alias: str, version: str, scratch: Path) -> set[str]:
+    from pymilvus import MilvusClient
+
+    copy = scratch / f"{version}.db"
+    shutil.copytree(store / alias / version / "milvus.db", copy)
+    client = MilvusClient(str(copy))
+    client.load_collection(f"{alias}_{version}")
+    ids = {row["id"] for row in client.query(f"{alias}_{version}", filter="", output_fields=["id"], limit=16384)}
+    client.close()
+    return ids
+
+
+def test_rebuild_switches_a_reader_in_another_process_atomically(cranfield_subset, tmp_path, embedder, model_path):
+    docs, _ = cranfield_subset
+    corpus, store = tmp_path / "corpus", tmp_path / "store"
+    cranfield.write_corpus(docs[:60], corpus)
+    run_index(index_config(corpus, store, model_path, collection="small"), RecordingReporter(), embedder=embedder)
+
+    stop, log = tmp_path / "stop", tmp_path / "reader.jsonl"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(store), model_path, str(stop), str(log), MODEL_NAME],
+                              env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and log.read_text().count("\n") >= 3):
+            assert reader.poll() is None, reader.stderr.read()
+            assert time.monotonic() < deadline, "reader did not start"
+            time.sleep(0.2)
+        # Smaller chunks invalidate every vector: a complete new version is built while the reader queries.
+        rebuilt = run_index(index_config(corpus, store, model_path, collection="small",
+                                         spec={"chunking": {"size": 64, "overlap": 8}}),
+                            RecordingReporter(), embedder=embedder)
+        assert rebuilt["activeVersion"] == "v2" and rebuilt["kept"] == 0
+        deadline = time.monotonic() + 60
+        while '"v2"' not in log.read_text():
+            assert reader.poll() is None, reader.stderr.read()
+            assert time.monotonic() < deadline, "reader never switched to v2"
+            time.sleep(0.2)
+    finally:
+        stop.touch()
+        reader.wait(timeout=60)
+    assert reader.returncode == 0, reader.stderr.read()
+
+    results = [json.loads(line) for line in log.read_text().splitlines()[1:]]
+    ids = {v: version_ids(store, "small", v, tmp_path) for v in ("v1", "v2")}
+    assert all(len(r["ids"]) == 5 for r in results)  # never empty
+    assert all(len(r["versions"]) == 1 for r in results)  # never a mix
+    assert all(set(r["ids"]) <= ids[r["versions"][0]] for r in results)
+    seen = [r["versions"][0] for r in results]
+    assert seen == sorted(seen) and seen[0] == "v1" and seen[-1] == "v2"  # old, then new, never back
+
+
+def test_index_type_changes_reuse_vectors_and_old_versions_are_pruned(cranfield_subset, tmp_path, embedder,
+                                                                       model_path):
+    docs, _ = cranfield_subset
+    corpus, store = tmp_path / "corpus", tmp_path / "store"
+    cranfield.write_corpus(docs[:40], corpus)
+    top = {}
+    for number, index_type in enumerate(sorted(LITE_INDEX_TYPES), 1):
+        config = index_config(corpus, store, model_path, collection="types",
+                              spec={"store": {"indexType": index_type, "retainVersions": 2}})
+        result = run_index(config, RecordingReporter(), embedder=embedder)
+        assert result["activeVersion"] == f"v{number}"
+        assert result["embedded"] == (result["chunks"] if number == 1 else 0)
+        with Retriever(str(store), "types", embedder) as retriever:
+            assert retriever.active.index_type == index_type
+            top[index_type] = retriever.search("heat transfer in hypersonic boundary layers", k=1)[0].id
+    assert len(set(top.values())) == 1, top  # every index type finds the same best chunk
+    versions = sorted(p.name for p in (store / "types").iterdir() if p.name.startswith("v"))
+    assert versions == [f"v{len(LITE_INDEX_TYPES) - 1}", f"v{len(LITE_INDEX_TYPES)}"]
+
+
+def test_querying_with_another_model_is_refused(first_run, embedder, model_path):
+    config, _, _ = first_run
+    other = Embedder(ModelRef("BAAI/bge-small-en-v1.5", model_path), model=embedder.model)
+    with pytest.raises(ModelMismatchError, match="embedded with sentence-transformers/all-MiniLM-L6-v2"):
+        Retriever(config.store_uri, config.collection, other)
+
+
+# ---- the program as the Job runs it ---------------------------------------------------------------------------
+
+def run_cli(tmp_path: Path, config) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.model_dump(by_alias=True, mode="json")))
+    env = {**ENV, "RAGTUNE_PROGRESS_FILE": str(tmp_path / "progress.json"),
+           "RAGTUNE_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    return subprocess.run([sys.executable, "-m", "ragtune_workloads.index", "--config", str(path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def inline_config(store_dir: Path, model_path: str | None, **spec):
+    from ragtune.api.workload import IndexConfig
+
+    return IndexConfig.model_validate({
+        "owner": {"kind": "VectorIndex", "name": "faq", "namespace": "test"},
+        "spec": {"sources": [{"inline": [
+            {"name": "faq.md", "text": "# FAQ\n\n## Reset\n\nHold the button for five seconds.\n"},
+            {"name": "empty.txt", "text": ""}]}], "embedding": {"model": MODEL_NAME}, **spec},
+        "sourcePaths": [None], "modelPath": model_path, "storeUri": str(store_dir), "collection": "faq"})
+
+
+def test_cli_success_reports_progress_and_result(tmp_path, model_path):
+    done = run_cli(tmp_path, inline_config(tmp_path / "store", model_path))
+    assert done.returncode == 0, done.stderr
+    annotations = json.loads((tmp_path / "progress.json").read_text())
+    progress = json.loads(annotations["ragtune.io/progress"])
+    result = json.loads(annotations["ragtune.io/result"])
+    assert progress["phase"] == "Done" and progress["documentsTotal"] == 1
+    assert result == json.loads((tmp_path / "termination-log").read_text())
+    assert (result["documents"], result["chunks"], result["dimension"]) == (1, 1, 384)
+    assert (result["activeCollection"], result["activeVersion"], result["embeddingModel"]) == \
+        ("faq_v1", "v1", MODEL_NAME)
+    assert result["skipped"] == [{"path": "inline/empty.txt", "reason": "empty file"}]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("index type", "index type IVF_PQ is not supported by milvus-lite"),
+    ("model", "embedding model 'sentence-transformers/all-MiniLM-L6-v2' not found"),
+    ("documents", "no documents could be loaded (1 skipped: inline/empty.txt: empty file)"),
+    ("store", "is not writable"),
+])
+def test_cli_failures_exit_non_zero_with_one_line_reason(tmp_path, model_path, case, expected):
+    store = tmp_path / "store"
+    config = {
+        "index type": lambda: inline_config(store, model_path, store={"indexType": "IVF_PQ"}),
+        "model": lambda: inline_config(store, str(tmp_path / "no-model")),
+        "documents": lambda: inline_config(store, model_path, sources=[{"inline": [{"name": "empty.txt",
+                                                                                     "text": ""}]}]),
+        "store": lambda: inline_config(Path("/proc/ragtune-store"), model_path),
+    }[case]()
+    done = run_cli(tmp_path, config)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and expected in done.stderr, done.stderr
+    assert not (tmp_path / "termination-log").exists()
+    if case != "store":
+        assert not (store / "faq" / "current.json").exists()

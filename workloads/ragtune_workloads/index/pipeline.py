@@ -1,0 +1,201 @@
+"""One indexing run: load → chunk → embed what is new → write a version if anything changed → switch readers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragtune.api.workload import IndexConfig
+
+from .chunking import Chunk, chunk_document
+from .embedding import Embedder, ModelRef
+from .loaders import Document, LoadResult, S3Fetcher, boto3_fetcher, load_sources
+from .state import Manifest, VectorCache, content_key
+from .store import Rows, VersionInfo, index_params, is_server_uri, now, open_store, validate_index
+
+log = logging.getLogger(__name__)
+CHUNKER_VERSION = 1  # bump when chunk boundaries change for the same settings
+HEARTBEAT_SECONDS = 10.0
+
+
+class IndexRunError(RuntimeError):
+    """A run that cannot produce an index; the message is the one-line reason."""
+
+
+def digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def vectors_fingerprint(model: str, backend: str, normalize: bool, dimension: int) -> str:
+    return digest("vectors", model, backend, normalize, dimension)[:16]
+
+
+def chunking_fingerprint(strategy: str, size: int, overlap: int) -> str:
+    return digest("chunks", CHUNKER_VERSION, strategy, size, overlap)[:16]
+
+
+def row_id(vectors_fp: str, chunks_fp: str, chunk: Chunk) -> str:
+    """Same id ⇔ same text at the same place of the same document, embedded and chunked the same way."""
+    return digest(vectors_fp, chunks_fp, chunk.doc_path, chunk.number, chunk.start, chunk.text)[:32]
+
+
+@dataclass
+class Progress:
+    """Sends progress through the reporter and repeats the last report while a long step runs."""
+
+    reporter: Any
+    fields: dict = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        self._thread = threading.Thread(target=self._beat, name="index-progress", daemon=True)
+        self._thread.start()
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        self.fields.update(fields)
+        self.reporter.progress(force=force, **self.fields)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            self.reporter.progress(force=True, **self.fields)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every chunk of the corpus, its row id and, where known, its cached vector."""
+
+    chunks: list[Chunk]
+    ids: list[str]
+    keys: list[bytes]
+    missing: list[int]  # chunk positions that need embedding
+
+
+def chunk_all(documents: list[Document], embedder: Embedder, config: IndexConfig, progress: Progress,
+              ) -> tuple[list[Chunk], str]:
+    spec = config.spec.chunking
+    size = min(spec.size, embedder.max_chunk_tokens)
+    if size < spec.size:
+        log.warning("chunking.size %d exceeds what %s reads (%d tokens); using %d", spec.size, embedder.name,
+                    embedder.max_chunk_tokens, size)
+    overlap = min(spec.overlap, size - 1)
+    chunks: list[Chunk] = []
+    for done, document in enumerate(documents, 1):
+        chunks.extend(chunk_document(document, embedder.tokenizer, spec.strategy, size, overlap))
+        progress.update(documents=done, chunksTotal=len(chunks))
+    return chunks, chunking_fingerprint(spec.strategy, size, overlap)
+
+
+def embed_missing(plan: Plan, cache: VectorCache, embedder: Embedder, progress: Progress) -> np.ndarray:
+    vectors = np.zeros((len(plan.chunks), embedder.dimension), dtype=np.float32)
+    for position, key in enumerate(plan.keys):
+        cached = cache.get(key)
+        if cached is not None:
+            vectors[position] = cached
+    cached_count = len(plan.chunks) - len(plan.missing)
+    progress.update(force=True, phase="Embedding", chunks=cached_count)
+    if plan.missing:
+        fresh = embedder.embed_documents([plan.chunks[i].text for i in plan.missing],
+                                         on_batch=lambda done: progress.update(chunks=cached_count + done))
+        vectors[plan.missing] = fresh
+    return vectors
+
+
+def run_index(config: IndexConfig, reporter: Any, embedder: Embedder | None = None,
+              s3_fetcher: S3Fetcher = boto3_fetcher) -> dict[str, Any]:
+    """Runs one pass; returns the result the operator shows in the VectorIndex's status."""
+    started = time.monotonic()
+    spec = config.spec
+    validate_index(config.store_uri, spec.store.index_type, spec.store.metric)
+    progress = Progress(reporter)
+    try:
+        progress.update(force=True, phase="Loading", documents=0, documentsTotal=0, chunks=0, chunksTotal=0)
+        loaded: LoadResult = load_sources(spec.sources, config.source_paths, spec.formats, s3_fetcher)
+        if not loaded.documents:
+            reasons = "; ".join(f"{s.path}: {s.reason}" for s in loaded.skipped[:3])
+            raise IndexRunError(f"no documents could be loaded ({len(loaded.skipped)} skipped{': ' if reasons else ''}"
+                              f"{reasons})")
+        store = open_store(config.store_uri, config.collection)
+        state_dir = Path(config.state_path) if config.state_path else default_state_dir(config)
+
+        progress.update(force=True, phase="LoadingModel", documentsTotal=len(loaded.documents))
+        embedder = embedder or Embedder(ModelRef(spec.embedding.model, config.model_path), spec.embedding.backend,
+                                        spec.embedding.batch_size, spec.embedding.normalize,
+                                        spec.embedding.query_prefix)
+        vectors_fp = vectors_fingerprint(embedder.name, embedder.backend, embedder.normalize, embedder.dimension)
+
+        progress.update(force=True, phase="Chunking")
+        chunks, chunks_fp = chunk_all(loaded.documents, embedder, config, progress)
+        keys = [content_key(chunk.text) for chunk in chunks]
+        cache = VectorCache.load(state_dir, vectors_fp)
+        plan = Plan(chunks, [row_id(vectors_fp, chunks_fp, c) for c in chunks], keys,
+                    [i for i, key in enumerate(keys) if cache.get(key) is None])
+        vectors = embed_missing(plan, cache, embedder, progress)
+        cache.save(state_dir, keys, vectors)
+
+        active = store.active()
+        manifest = Manifest.load(state_dir)
+        previous_ids = manifest.row_ids if active and manifest.version == active.version else frozenset()
+        current_ids = set(plan.ids)
+        layout_fp = digest(chunks_fp, spec.store.index_type, spec.store.metric)[:16]
+        unchanged = (active is not None and previous_ids == current_ids and active.layout_fingerprint == layout_fp
+                     and active.vectors_fingerprint == vectors_fp)
+        dropped: list[str] = []
+        if unchanged:
+            info = active
+        else:
+            info = VersionInfo(alias=config.collection, version=store.next_version(),
+                               embedding_model=embedder.name, dimension=embedder.dimension,
+                               metric=spec.store.metric, index_type=spec.store.index_type, chunks=len(chunks),
+                               documents=len(loaded.documents), vectors_fingerprint=vectors_fp,
+                               layout_fingerprint=layout_fp,
+                               search_params=index_params(spec.store.index_type, len(chunks))[1], created_at=now())
+            progress.update(force=True, phase="Writing", chunks=len(chunks))
+            store.write(info, Rows(plan.ids, vectors, [c.text for c in chunks], row_metadata(chunks)))
+            progress.update(force=True, phase="Switching")
+            store.publish(info)
+            Manifest(info.version, frozenset(current_ids)).save(state_dir)
+            dropped = store.prune(spec.store.retain_versions)
+        progress.update(force=True, phase="Done", chunks=len(chunks))
+    finally:
+        progress.stop()
+    kept = len(current_ids & previous_ids)
+    return {
+        "documents": len(loaded.documents),
+        "chunks": len(chunks),
+        "dimension": embedder.dimension,
+        "embeddingModel": embedder.name,
+        "activeCollection": info.collection,
+        "activeVersion": info.name,
+        "added": len(current_ids) - kept,
+        "kept": kept,
+        "removed": len(previous_ids - current_ids),
+        "embedded": len(plan.missing),
+        "skipped": [s.to_wire() for s in loaded.skipped],
+        "droppedVersions": dropped,
+        "durationSeconds": round(time.monotonic() - started, 3),
+    }
+
+
+def row_metadata(chunks: list[Chunk]) -> list[dict]:
+    return [chunk.metadata() for chunk in chunks]
+
+
+def default_state_dir(config: IndexConfig) -> Path:
+    """Next to the versions for milvus-lite; a Milvus server needs config.state_path to stay incremental."""
+    if is_server_uri(config.store_uri):
+        return Path("/tmp/ragtune-index-state") / config.collection
+    return Path(config.store_uri) / config.collection / "state"
+
+

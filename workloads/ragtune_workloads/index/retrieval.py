@@ -1,0 +1,253 @@
+"""The read side of a VectorIndex: embed a query, return the top-k chunks of the active version.
+
+Used by the serving workload. A `Retriever` follows the published version: on a milvus-lite store it watches
+`<root>/<alias>/current.json`, copies the version it names into private storage and opens the copy, so the
+index Job (writing the next version) and any number of reader processes never contend for milvus-lite's
+one-process lock. When a new version appears, the thread that notices copies and opens it while other queries
+keep using the old one; then the new one replaces it in a single reference swap. Every query runs against
+exactly one version. On a Milvus server the alias does the same job.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .embedding import Embedder, ModelRef
+from .store import POINTER_FILE, VersionInfo, collection_info, is_server_uri, read_pointer
+
+log = logging.getLogger(__name__)
+COPY_ATTEMPTS = 5
+
+
+class RetrievalError(RuntimeError):
+    """The index cannot answer queries; the message says why."""
+
+
+class ModelMismatchError(RetrievalError):
+    """The query would be embedded with a different model than the index's vectors."""
+
+
+class IndexNotReadyError(RetrievalError):
+    """No version of the index has been published yet."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    text: str
+    score: float  # Milvus distance: higher is closer for COSINE/IP, lower is closer for L2
+    metadata: dict[str, Any]
+    version: str
+
+
+def check_compatible(info: VersionInfo, model_name: str, dimension: int) -> None:
+    if info.embedding_model != model_name or info.dimension != dimension:
+        raise ModelMismatchError(
+            f"index {info.alias} {info.name} was embedded with {info.embedding_model} ({info.dimension} dims); "
+            f"queries here would be embedded with {model_name} ({dimension} dims): point the endpoint at the "
+            f"same embedding model, or re-index with this one")
+
+
+class OpenVersion:
+    """One version opened for reading, closed when replaced and no query uses it any more."""
+
+    def __init__(self, info: VersionInfo, client, collection: str, private_dir: Path | None = None):
+        self.info = info
+        self.client = client
+        self.collection = collection
+        self.private_dir = private_dir
+        self.users = 0
+        self.retired = False
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            self.users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            done = self.retired and self.users == 0
+        if done:
+            self.close()
+
+    def retire(self) -> None:
+        with self._lock:
+            self.retired = True
+            done = self.users == 0
+        if done:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            if self.private_dir:
+                shutil.rmtree(self.private_dir, ignore_errors=True)
+
+
+def open_lite_version(store_dir: Path, scratch: Path) -> OpenVersion:
+    """Copies the published version into `scratch` and opens the copy. A version can be pruned while it is
+    being copied (a newer one was published meanwhile): then the pointer is read again."""
+    from pymilvus import MilvusClient
+
+    last_error: Exception | None = None
+    for _ in range(COPY_ATTEMPTS):
+        info = read_pointer(store_dir)
+        if info is None:
+            raise IndexNotReadyError(f"index {store_dir.name} has no published version yet ({store_dir / POINTER_FILE} "
+                                     "is missing)")
+        private = Path(tempfile.mkdtemp(prefix=f"{info.alias}-{info.name}-", dir=scratch))
+        try:
+            shutil.copytree(store_dir / info.name / "milvus.db", private / "milvus.db")
+            client = MilvusClient(str(private / "milvus.db"))
+            client.load_collection(info.collection)  # a reopened milvus-lite collection starts released
+        except (OSError, shutil.Error) as exc:
+            shutil.rmtree(private, ignore_errors=True)
+            last_error = exc
+            continue
+        return OpenVersion(info, client, info.alias, private)
+    raise RetrievalError(f"could not open the active version of {store_dir.name}: {last_error}")
+
+
+class Retriever:
+    """Top-k chunks of the active version of a VectorIndex's collection."""
+
+    def __init__(self, store_uri: str, collection: str, embedder: Embedder | None = None, *,
+                 embedding_model: str | None = None, model_path: str | None = None, query_prefix: str = "",
+                 token: str | None = None, scratch_dir: str | None = None):
+        if embedder is None:
+            if not embedding_model:
+                raise ValueError("a Retriever needs an embedder or an embedding_model")
+            embedder = Embedder(ModelRef(embedding_model, model_path), query_prefix=query_prefix)
+        self.embedder = embedder
+        self.store_uri = store_uri
+        self.alias = collection
+        self._swap = threading.Lock()
+        self._refreshing = threading.Lock()
+        self._server_client = None
+        self._scratch: Path | None = None
+        if is_server_uri(store_uri):
+            from pymilvus import MilvusClient
+
+            self._server_client = MilvusClient(uri=store_uri, token=token or "")
+        else:
+            self._store_dir = Path(store_uri) / collection
+            self._scratch = Path(tempfile.mkdtemp(prefix="ragtune-retrieval-", dir=scratch_dir))
+        self._current: OpenVersion | None = None
+        self._refused: tuple[int, ModelMismatchError] | None = None
+        self.refresh()
+
+    @classmethod
+    def from_target(cls, target, embedder: Embedder | None = None, **kwargs) -> Retriever:
+        """From the serving config's `RetrievalTarget`."""
+        return cls(target.store_uri, target.collection, embedder, embedding_model=target.embedding_model,
+                   model_path=target.model_path, **kwargs)
+
+    # ---- following the active version ------------------------------------------------------------------------
+
+    def _published(self) -> VersionInfo | None:
+        if self._server_client is not None:
+            try:
+                name = self._server_client.describe_alias(self.alias)["collection_name"]
+            except Exception:
+                return None
+            return collection_info(self._server_client, name)
+        return read_pointer(self._store_dir)
+
+    def _open(self) -> OpenVersion:
+        if self._server_client is not None:
+            info = self._published()
+            if info is None:
+                raise IndexNotReadyError(f"index {self.alias} has no published version yet (no alias {self.alias})")
+            return OpenVersion(info, self._server_client, self.alias)
+        return open_lite_version(self._store_dir, self._scratch)
+
+    def refresh(self) -> bool:
+        """Switches to the published version if it changed; True when it did. Other threads keep querying the
+        version they have until the new one is open."""
+        published = self._published()
+        current = self._current
+        if current is not None and published is not None and published.version == current.info.version:
+            return False
+        if published is not None and self._refused and self._refused[0] == published.version:
+            raise self._refused[1]
+        if not self._refreshing.acquire(blocking=current is None):
+            return False
+        try:
+            if self._current is not None and published is not None and published.version == self._current.info.version:
+                return False
+            if published is None and self._current is not None:
+                return False  # the pointer vanished (store being moved?): keep serving what we have
+            opened = self._open()
+            try:
+                check_compatible(opened.info, self.embedder.name, self.embedder.dimension)
+            except ModelMismatchError as exc:
+                opened.close()
+                self._refused = (opened.info.version, exc)
+                raise
+            with self._swap:
+                previous, self._current = self._current, opened
+            if previous is not None and previous.client is not opened.client:
+                previous.retire()
+            log.info("retrieval now reads %s %s", self.alias, opened.info.name)
+            return True
+        finally:
+            self._refreshing.release()
+
+    @contextmanager
+    def _version(self):
+        with self._swap:
+            version = self._current
+            if version is None:
+                raise IndexNotReadyError(f"index {self.alias} has no published version yet")
+            version.acquire()
+        try:
+            yield version
+        finally:
+            version.release()
+
+    @property
+    def active(self) -> VersionInfo:
+        with self._version() as version:
+            return version.info
+
+    # ---- queries ---------------------------------------------------------------------------------------------
+
+    def search(self, query: str, k: int = 10, filter: str = "") -> list[Hit]:
+        return self.search_many([query], k, filter)[0]
+
+    def search_many(self, queries: list[str], k: int = 10, filter: str = "") -> list[list[Hit]]:
+        self.refresh()
+        vectors = self.embedder.embed_queries(queries)
+        with self._version() as version:
+            info = version.info
+            results = version.client.search(
+                version.collection, data=[v.tolist() for v in vectors], limit=k, filter=filter,
+                output_fields=["text", "metadata"],
+                search_params={"metric_type": info.metric, "params": dict(info.search_params)})
+        return [[Hit(str(hit["id"]), hit["entity"]["text"], float(hit["distance"]), hit["entity"]["metadata"],
+                     info.name) for hit in hits] for hits in results]
+
+    def close(self) -> None:
+        with self._swap:
+            current, self._current = self._current, None
+        if current is not None and current.client is not self._server_client:
+            current.retire()
+        if self._server_client is not None:
+            self._server_client.close()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def __enter__(self) -> Retriever:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
