@@ -1,0 +1,86 @@
+"""Sample objects and steps the controller tests share: a bound volume, a workload reporting through its Pod."""
+
+from __future__ import annotations
+
+import json
+
+API = "ragtune.io/v1alpha1"
+
+
+def volume_for_claim(kube, namespace: str, name: str) -> str:
+    """A hostPath volume reserved for the claim `name`, so it binds as soon as the claim exists (the test
+    cluster has no dynamic provisioner)."""
+    pv_name = f"{namespace}-{name}"
+    kube.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                         "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                         "hostPath": {"path": f"/tmp/{pv_name}"},
+                         "claimRef": {"namespace": namespace, "name": name}}})
+    return pv_name
+
+
+def bound_pvc(kube, namespace: str, name: str) -> None:
+    pv_name = volume_for_claim(kube, namespace, name)
+    kube.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv_name,
+                         "resources": {"requests": {"storage": "1Gi"}}}}, namespace)
+
+
+def finetunejob(name: str, model: str = "base/tiny", **spec) -> dict:
+    return {"apiVersion": API, "kind": "FineTuneJob", "metadata": {"name": name},
+            "spec": {"model": {"name": model},
+                     "dataset": {"source": "inline", "rows": [{"instruction": "2+2?", "output": "4"}]},
+                     "output": {"pvc": {"claimName": "adapters", "path": name}}, **spec}}
+
+
+def vectorindex(name: str, **spec) -> dict:
+    return {"apiVersion": API, "kind": "VectorIndex", "metadata": {"name": name},
+            "spec": {"sources": [{"inline": [{"name": "faq.md", "text": "# FAQ\nragtune indexes documents."}]}],
+                     **spec}}
+
+
+def endpoint(name: str, adapter: str, index: str, model: str = "base/tiny", **spec) -> dict:
+    return {"apiVersion": API, "kind": "HybridEndpoint", "metadata": {"name": name},
+            "spec": {"mode": "hybrid", "model": {"name": model, "adapter": {"fineTuneJobRef": {"name": adapter}}},
+                     "retrieval": {"vectorIndexRef": {"name": index}}, **spec}}
+
+
+def job_pod(kube, namespace: str, job_name: str) -> dict:
+    return kube.wait_for(lambda: (kube.list("v1", "Pod", namespace, label_selector=f"job-name={job_name}")
+                                  or [None])[0], f"a pod of Job {job_name}")
+
+
+def annotate(kube, namespace: str, pod: dict, key: str, value: dict) -> None:
+    kube.kubectl("annotate", "-n", namespace, "--overwrite", f"pod/{pod['metadata']['name']}",
+                 f"{key}={json.dumps(value)}")
+
+
+def report_result(kube, namespace: str, job_name: str, result: dict) -> None:
+    """What a workload does last: its result on its own Pod (the Job may already have completed)."""
+    annotate(kube, namespace, job_pod(kube, namespace, job_name), "ragtune.io/result", result)
+
+
+def adapter_result(name: str, digest: str, base: str = "base/tiny", promotable: bool = True) -> dict:
+    return {"uri": f"pvc://adapters/{name}/adapter", "digest": digest, "baseModel": base,
+            "metrics": {"rougeL": 0.5, "evalLoss": 1.2}, "promotable": promotable}
+
+
+def index_result(version: str, chunks: int = 10) -> dict:
+    return {"documents": 1, "chunks": chunks, "dimension": 384, "embeddingModel": "all-MiniLM-L6-v2",
+            "activeCollection": f"docs_{version}", "activeVersion": version, "added": chunks, "kept": 0,
+            "removed": 0, "skipped": [], "durationSeconds": 1.5}
+
+
+def status(kube, kind: str, name: str, namespace: str) -> dict:
+    return (kube.get(API, kind, name, namespace) or {}).get("status") or {}
+
+
+def wait_ready(kube, kind: str, name: str, namespace: str, value: str = "True", reason: str | None = None,
+               timeout: float = 60) -> dict:
+    def check():
+        obj = kube.get(API, kind, name, namespace)
+        cond = kube.condition(obj, "Ready")
+        if cond and cond["status"] == value and (reason is None or cond["reason"] == reason):
+            return obj
+        return None
+    return kube.wait_for(check, f"{kind}/{name} Ready={value}" + (f" ({reason})" if reason else ""), timeout)

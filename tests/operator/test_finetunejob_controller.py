@@ -1,0 +1,90 @@
+"""FineTuneJob reconciliation against the real control plane, with the operator running as a process."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from ragtune_objects import (API, adapter_result, annotate, bound_pvc, finetunejob, job_pod, report_result, status,
+                             wait_ready)
+
+pytestmark = pytest.mark.usefixtures("ragtune_operator")
+
+
+@pytest.fixture
+def adapters(kube, namespace):
+    bound_pvc(kube, namespace, "adapters")
+
+
+def test_finetunejob_runs_a_job_reports_progress_and_ends_ready_with_its_artifact(kube, namespace, adapters):
+    kube.apply(finetunejob("ft"), namespace)
+    job = kube.wait_for(lambda: kube.get("batch/v1", "Job", "ft", namespace), "the training Job")
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
+    config = kube.get("v1", "ConfigMap", "ft-config", namespace)
+    assert '"kind": "FineTuneConfig"' in config["data"]["config.json"]
+    pod = job_pod(kube, namespace, "ft")
+    assert kube.wait_for(lambda: kube.get("v1", "Pod", pod["metadata"]["name"], namespace)["spec"].get("nodeName"),
+                         "the pod to be scheduled") == "kwok-cpu-0"
+
+    annotate(kube, namespace, pod, "ragtune.io/progress", {"step": 5, "totalSteps": 20, "loss": 1.7,
+                                                          "etaSeconds": 30})
+    progressed = kube.wait_for(lambda: status(kube, "FineTuneJob", "ft", namespace).get("progress", {}).get("step")
+                               == 5 and status(kube, "FineTuneJob", "ft", namespace), "progress in status",
+                               timeout=30)
+    assert progressed["progress"]["loss"] == 1.7
+    printed = kube.kubectl("get", "ftj", "ft", "-n", namespace).stdout
+    assert "5/20 (25%)" in printed
+
+    kube.wait_condition("batch/v1", "Job", "ft", namespace, "Complete")
+    report_result(kube, namespace, "ft", adapter_result("ft", "sha256:" + "a" * 64))
+    ready = wait_ready(kube, "FineTuneJob", "ft", namespace)
+    st = ready["status"]
+    assert st["phase"] == "Succeeded" and st["artifact"]["digest"] == "sha256:" + "a" * 64
+    assert kube.condition(ready, "Promotable")["status"] == "True"
+    assert kube.condition(ready, "Ready")["observedGeneration"] == ready["metadata"]["generation"]
+    reasons = {e["reason"] for e in kube.events(namespace, "ft") if e["kind"] == "FineTuneJob"}
+    assert "JobSucceeded" in reasons
+
+
+def test_a_gpu_finetunejob_lands_on_the_gpu_node(kube, namespace, adapters):
+    kube.apply(finetunejob("gpu", resources={"gpu": 1}), namespace)
+    pod = job_pod(kube, namespace, "gpu")
+    node = kube.wait_for(lambda: kube.get("v1", "Pod", pod["metadata"]["name"], namespace)["spec"].get("nodeName"),
+                         "the GPU pod to be scheduled")
+    assert node == "kwok-gpu-0"
+
+
+def test_too_many_gpus_is_reported_as_unschedulable(kube, namespace, adapters):
+    kube.apply(finetunejob("greedy", resources={"gpu": 3}), namespace)
+    obj = wait_ready(kube, "FineTuneJob", "greedy", namespace, "False", reason="Unschedulable")
+    assert "nvidia.com/gpu" in kube.condition(obj, "Ready")["message"]
+
+
+def test_a_failing_job_ends_failed_with_the_reason(kube, namespace, adapters):
+    kube.apply(finetunejob("broken", image="kwok.ragtune.io/fail", backoffLimit=0), namespace)
+    obj = kube.wait_condition(API, "FineTuneJob", "broken", namespace, "Failed", timeout=60)
+    failed = kube.condition(obj, "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "exit code 1" in failed["message"]
+    assert obj["status"]["phase"] == "Failed"
+    assert kube.condition(obj, "Ready")["status"] == "False"
+    warnings = [e for e in kube.events(namespace, "broken") if e["type"] == "Warning"]
+    assert any(e["reason"] == "BackoffLimitExceeded" for e in warnings)
+
+
+def test_reapplying_identical_yaml_changes_nothing(kube, namespace, adapters):
+    manifest = finetunejob("stable")
+    kube.apply(manifest, namespace)
+    kube.wait_condition("batch/v1", "Job", "stable", namespace, "Complete")
+    report_result(kube, namespace, "stable", adapter_result("stable", "sha256:" + "b" * 64))
+    wait_ready(kube, "FineTuneJob", "stable", namespace)
+    time.sleep(1)  # let the last status write land before taking the snapshot
+
+    def versions():
+        return {kind: kube.get(api, kind, name, namespace)["metadata"]["resourceVersion"]
+                for api, kind, name in [(API, "FineTuneJob", "stable"), ("batch/v1", "Job", "stable"),
+                                        ("v1", "ConfigMap", "stable-config")]}
+    before = versions()
+    assert "unchanged" in kube.apply(manifest, namespace).stdout
+    time.sleep(3)
+    assert versions() == before

@@ -1,0 +1,102 @@
+"""HybridEndpoint reconciliation: waits for its references, serves them, rolls to a new adapter in place."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ragtune_objects import (API, adapter_result, bound_pvc, endpoint, finetunejob, index_result, report_result,
+                             status, vectorindex, volume_for_claim, wait_ready)
+
+pytestmark = pytest.mark.usefixtures("ragtune_operator")
+
+
+def finish_finetune(kube, namespace, name, digest):
+    kube.wait_condition("batch/v1", "Job", name, namespace, "Complete")
+    report_result(kube, namespace, name, adapter_result(name, digest))
+    wait_ready(kube, "FineTuneJob", name, namespace)
+
+
+def finish_index(kube, namespace, name, version):
+    job = kube.wait_for(lambda: (kube.list("batch/v1", "Job", namespace,
+                                           label_selector=f"ragtune.io/vectorindex={name}") or [None])[0],
+                        "the indexing Job")["metadata"]["name"]
+    kube.wait_condition("batch/v1", "Job", job, namespace, "Complete")
+    report_result(kube, namespace, job, index_result(version))
+    wait_ready(kube, "VectorIndex", name, namespace)
+
+
+def served_config(kube, namespace, name):
+    return json.loads(kube.get("v1", "ConfigMap", f"{name}-config", namespace)["data"]["config.json"])
+
+
+def test_endpoint_waits_for_its_references_then_serves_them(kube, namespace):
+    bound_pvc(kube, namespace, "adapters")
+    volume_for_claim(kube, namespace, "docs-store")
+    kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)
+    missing = wait_ready(kube, "HybridEndpoint", "chat", namespace, "False", reason="ReferenceNotFound")
+    assert "FineTuneJob ft not found" in kube.condition(missing, "Ready")["message"]
+
+    kube.apply(finetunejob("ft"), namespace)
+    kube.apply(vectorindex("docs"), namespace)
+    waiting = wait_ready(kube, "HybridEndpoint", "chat", namespace, "False", reason="WaitingForFineTuneJob")
+    assert kube.condition(waiting, "Progressing")["status"] == "True"
+    assert kube.get("apps/v1", "Deployment", "chat", namespace) is None
+
+    finish_finetune(kube, namespace, "ft", "sha256:" + "1" * 64)
+    wait_ready(kube, "HybridEndpoint", "chat", namespace, "False", reason="WaitingForVectorIndex")
+    finish_index(kube, namespace, "docs", "v1")
+
+    ready = wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
+    deployment = kube.get("apps/v1", "Deployment", "chat", namespace)
+    assert deployment["metadata"]["ownerReferences"][0]["kind"] == "HybridEndpoint"
+    assert kube.get("v1", "Service", "chat", namespace)["spec"]["ports"][0]["port"] == 8000
+    config = served_config(kube, namespace, "chat")
+    assert config["adapter"]["digest"] == "sha256:" + "1" * 64
+    assert config["retrieval"]["collection"] == "docs_v1"
+    st = ready["status"]
+    assert st["runtime"] == "deployment" and st["readyReplicas"] == 1
+    assert st["url"] == f"http://chat.{namespace}.svc.cluster.local:8000/v1"
+    assert st["served"] == {"adapter": "ft", "adapterDigest": "sha256:" + "1" * 64, "index": "docs",
+                            "indexVersion": "v1"}
+
+
+def test_changing_the_adapter_reference_rolls_the_endpoint_in_place(kube, namespace):
+    bound_pvc(kube, namespace, "adapters")
+    volume_for_claim(kube, namespace, "docs-store")
+    kube.apply(finetunejob("ft-v1"), namespace)
+    kube.apply(vectorindex("docs"), namespace)
+    finish_finetune(kube, namespace, "ft-v1", "sha256:" + "1" * 64)
+    finish_index(kube, namespace, "docs", "v1")
+    kube.apply(endpoint("chat", adapter="ft-v1", index="docs"), namespace)
+    wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
+    before = kube.get("apps/v1", "Deployment", "chat", namespace)
+
+    kube.apply(finetunejob("ft-v2"), namespace)
+    kube.apply(endpoint("chat", adapter="ft-v2", index="docs"), namespace)
+    # Until ft-v2 is Ready the endpoint keeps serving ft-v1.
+    waiting = kube.wait_for(lambda: (lambda o: o if kube.condition(o, "ReferencesReady")["status"] == "False"
+                                     else None)(kube.get(API, "HybridEndpoint", "chat", namespace)),
+                            "the endpoint to wait for ft-v2")
+    assert kube.condition(waiting, "Ready")["status"] == "True"
+    assert waiting["status"]["served"]["adapter"] == "ft-v1"
+
+    finish_finetune(kube, namespace, "ft-v2", "sha256:" + "2" * 64)
+    kube.wait_for(lambda: status(kube, "HybridEndpoint", "chat", namespace).get("served", {}).get("adapter")
+                  == "ft-v2", "ft-v2 to be served", timeout=90)
+    after = kube.get("apps/v1", "Deployment", "chat", namespace)
+    assert after["metadata"]["uid"] == before["metadata"]["uid"], "rolled in place, not deleted and recreated"
+    digest = lambda d: d["spec"]["template"]["metadata"]["annotations"]["ragtune.io/config-digest"]  # noqa: E731
+    assert digest(after) != digest(before)
+    assert served_config(kube, namespace, "chat")["adapter"]["digest"] == "sha256:" + "2" * 64
+
+
+def test_an_adapter_of_another_base_model_is_refused(kube, namespace):
+    bound_pvc(kube, namespace, "adapters")
+    kube.apply(finetunejob("other", model="org/other-model"), namespace)
+    finish_finetune(kube, namespace, "other", "sha256:" + "3" * 64)
+    kube.apply(endpoint("chat", adapter="other", index="docs", mode="finetuned"), namespace)
+    refused = wait_ready(kube, "HybridEndpoint", "chat", namespace, "False", reason="BaseModelMismatch")
+    message = kube.condition(refused, "Ready")["message"]
+    assert "org/other-model" in message and "base/tiny" in message
+    assert kube.get("apps/v1", "Deployment", "chat", namespace) is None
