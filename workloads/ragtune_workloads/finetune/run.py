@@ -70,6 +70,7 @@ def run(config: FineTuneConfig, reporter: Reporter | None = None) -> dict[str, A
     from .prompts import format_example, to_records
     from .trainers import build_trainer, last_complete_checkpoint, load_model_and_tokenizer, torch_dtype
 
+    quiet_progress_bars()
     model, tokenizer = load_model_and_tokenizer(plan, spec)
     train_records = to_records(tokenizer, prepared.train)
     eval_records = to_records(tokenizer, prepared.validation)
@@ -164,6 +165,15 @@ def run(config: FineTuneConfig, reporter: Reporter | None = None) -> dict[str, A
     }
     reporter.result(result)
     return result
+
+
+def quiet_progress_bars() -> None:
+    """Pod logs keep every carriage-return redraw of a progress bar; the reporter carries progress instead."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def merge_precision(plan: TrainingPlan) -> str:
