@@ -67,6 +67,8 @@ class RetrievalTarget(ApiModel):
     collection: str
     embedding_model: str
     model_path: str | None = None
+    query_prefix: str = Field(default="", max_length=256, description="Prepended to queries before embedding; "
+                              "must match the VectorIndex's embedding.queryPrefix (e.g. for bge/e5 models).")
 
 
 class ServeConfig(ApiModel):

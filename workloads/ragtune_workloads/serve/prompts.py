@@ -1,0 +1,121 @@
+"""Prompts: the system prompt per mode, the user template, and retrieved context packed into the model's window.
+
+Context is measured in the generation model's own tokens after the chat template is applied, so what is sent
+always fits: prompt tokens + max_tokens <= the model's context length. Chunks go in best first; a chunk too big
+for the room left is skipped and a smaller, lower-ranked one may still fit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ragtune.api.hybridendpoint import DEFAULT_HYBRID_SYSTEM_PROMPT, DEFAULT_RAG_SYSTEM_PROMPT
+
+PLACEHOLDER = re.compile(r"\{(context|question)\}")
+DEFAULT_SYSTEM_PROMPTS = {"rag": DEFAULT_RAG_SYSTEM_PROMPT, "hybrid": DEFAULT_HYBRID_SYSTEM_PROMPT}
+
+
+class PromptTooLongError(ValueError):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int, detail: str = ""):
+        self.prompt_tokens = prompt_tokens
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+            f"completion). {detail or 'Please reduce the length of the messages or the completion.'}")
+
+
+def system_prompt(mode: str, configured: str | None, grounded: bool) -> str | None:
+    """The endpoint's own system prompt always applies; the defaults are instructions about retrieved context,
+    so they are only used when context is actually given."""
+    if configured:
+        return configured
+    return DEFAULT_SYSTEM_PROMPTS.get(mode) if grounded else None
+
+
+def render_template(template: str, context: str, question: str) -> str:
+    """Fills {context} and {question} in one pass, so braces inside either are never expanded again."""
+    values = {"context": context, "question": question}
+    return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+
+
+def format_chunk(number: int, hit: dict[str, Any]) -> str:
+    where = hit.get("document") or hit.get("id", "")
+    if hit.get("section"):
+        where += f" > {hit['section']}"
+    return f"[{number}] ({where})\n{hit['text'].strip()}"
+
+
+def format_context(hits: Sequence[dict[str, Any]]) -> str:
+    return "\n\n".join(format_chunk(number, hit) for number, hit in enumerate(hits, 1))
+
+
+def merge_system(endpoint_system: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """One system message at the start: the endpoint's first, then whatever the client sent (many chat
+    templates accept only one system message, and only first)."""
+    client_system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
+    rest = [m for m in messages if m["role"] not in ("system", "developer")]
+    system = "\n\n".join(part for part in [endpoint_system, *client_system] if part)
+    return ([{"role": "system", "content": system}] if system else []) + rest
+
+
+def with_question_turn(messages: list[dict[str, str]], user_turn: str) -> list[dict[str, str]]:
+    """Replaces the content of the last user message (the question) by the rendered template."""
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return [*messages[:last_user], {"role": "user", "content": user_turn}, *messages[last_user + 1:]]
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # A base model without a chat template gets a plain transcript ending where the answer starts.
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+    return list(tokenizer(text)["input_ids"])
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    messages: list[dict[str, str]]
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+
+def direct_prompt(tokenizer: Any, system: str | None, messages: list[dict[str, str]], max_tokens: int,
+                  context_length: int) -> Prompt:
+    final = merge_system(system, messages)
+    ids = encode_messages(tokenizer, final)
+    if len(ids) + max_tokens > context_length:
+        raise PromptTooLongError(len(ids), max_tokens, context_length)
+    return Prompt(ids, final)
+
+
+def grounded_prompt(tokenizer: Any, system: str | None, template: str, messages: list[dict[str, str]],
+                    question: str, hits: Sequence[dict[str, Any]], max_tokens: int, context_length: int) -> Prompt:
+    """The prompt with as many of `hits` (best first) as fit; at least one must fit."""
+    budget = context_length - max_tokens
+
+    def build(chosen: list[dict[str, Any]]) -> list[dict[str, str]]:
+        turn = render_template(template, format_context(chosen), question)
+        return merge_system(system, with_question_turn(messages, turn))
+
+    empty_ids = encode_messages(tokenizer, build([]))
+    if len(empty_ids) > budget:
+        raise PromptTooLongError(len(empty_ids), max_tokens, context_length)
+    chosen: list[dict[str, Any]] = []
+    best: tuple[list[int], list[dict[str, str]]] | None = None
+    for hit in hits:
+        # The chunk's own token count is a lower bound of what it adds: skip the full render when it cannot fit.
+        if len(empty_ids) + len(tokenizer(hit["text"], add_special_tokens=False)["input_ids"]) > budget:
+            continue
+        trial = build(chosen + [hit])
+        ids = encode_messages(tokenizer, trial)
+        if len(ids) <= budget:
+            chosen.append(hit)
+            best = (ids, trial)
+    if best is None:
+        raise PromptTooLongError(len(empty_ids), max_tokens, context_length,
+                                 "No retrieved passage fits next to the messages: shorten them or lower max_tokens.")
+    return Prompt(best[0], best[1], chosen)
