@@ -242,6 +242,17 @@ def test_hub_model_unreachable_offline_is_refused(tmp_path):
     assert_failed(process, tmp_path, 4, "base model ragtune-tests/no-such-model could not be loaded")
 
 
+def test_gguf_export_that_cannot_run_here_fails_before_training(tmp_path, tiny_model):
+    config = make_config(tmp_path, tiny_model, {"source": "inline", "rows": ROWS["instruction"](4)},
+                         output={"gguf": {"enabled": True}})
+    process = run_workload(tmp_path, config)
+    if process.returncode == 0:  # an image with llama.cpp: the export must then really be there
+        assert Path(read_result(tmp_path)["ggufUri"]).stat().st_size > 0
+        return
+    assert_failed(process, tmp_path, 5, "output.gguf needs llama.cpp's convert_hf_to_gguf.py")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 # ---------------------------------------------------------------- resumption
 
 def wait_for_checkpoint(checkpoints: Path, process: subprocess.Popen, timeout: float = 120) -> Path:

@@ -97,13 +97,15 @@ def load_unsloth_model(plan: TrainingPlan, spec: FineTuneJobSpec):
     """unsloth loads model and tokenizer together and adds the LoRA layers itself."""
     from unsloth import FastLanguageModel
 
+    kwargs: dict[str, Any] = {"revision": plan.revision} if plan.revision else {}
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=plan.model_source,
-            revision=plan.revision,
             max_seq_length=spec.training.max_seq_length,
+            # None lets unsloth pick bf16 or fp16 for the card; an explicit 16-bit precision is passed through.
             dtype=torch_dtype(plan.precision) if plan.precision != "fp32" else None,
             load_in_4bit=plan.method == "qlora",
+            **kwargs,
         )
     except (OSError, ValueError) as exc:
         raise _model_error(plan.model_source, exc) from None
