@@ -292,7 +292,7 @@ NODE = """
       node-role.kubernetes.io/agent: ""
       type: kwok
       {extra_labels}
-  spec: {{}}
+  spec: {{{taints}}}
   status:
     allocatable: {{cpu: "32", memory: 256Gi, pods: "500"{gpu}}}
     capacity: {{cpu: "32", memory: 256Gi, pods: "500"{gpu}}}
@@ -301,8 +301,11 @@ NODE = """
 
 
 def node_manifest() -> str:
-    cpu = NODE.format(name="kwok-cpu-0", gpu="", extra_labels="ragtune.io/test-node: cpu")
+    cpu = NODE.format(name="kwok-cpu-0", gpu="", taints="", extra_labels="ragtune.io/test-node: cpu")
+    # GPU nodes are tainted as in real clusters, so CPU work stays off them; pods that request the GPU
+    # resource get the matching toleration from the ExtendedResourceToleration admission plugin.
     gpu = NODE.format(name="kwok-gpu-0", gpu=', nvidia.com/gpu: "2"',
+                      taints='taints: [{key: nvidia.com/gpu, value: present, effect: NoSchedule}]',
                       extra_labels="ragtune.io/test-node: gpu\n      nvidia.com/gpu.present: \"true\"")
     return NODES.format(items=cpu + gpu)
 
@@ -366,7 +369,7 @@ def _start_all(bins: dict[str, Path], say) -> None:
         f"--cert-dir={pki}", f"--tls-cert-file={pki / 'apiserver.crt'}",
         f"--tls-private-key-file={pki / 'apiserver.key'}", f"--client-ca-file={pki / 'ca.crt'}",
         f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
-        "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction,PodSecurity",
+        "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction,PodSecurity,ExtendedResourceToleration",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
         "--endpoint-reconciler-type=none", "--v=1",

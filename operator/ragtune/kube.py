@@ -81,18 +81,14 @@ class Api:
         Returns created | configured | unchanged; an unchanged object is not written."""
         meta = obj["metadata"]
         res = self.resource(obj["apiVersion"], obj["kind"])
+        # Most calls create a new child: try that first and read only when it already exists.
         try:
-            existing = res.get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
+            res.create(body=obj, namespace=meta.get("namespace"), field_manager=FIELD_MANAGER)
+            return "created"
         except ApiException as exc:
-            if exc.status != 404:
+            if exc.status != 409:
                 raise
-            try:
-                res.create(body=obj, namespace=meta.get("namespace"), field_manager=FIELD_MANAGER)
-                return "created"
-            except ApiException as create_exc:
-                if create_exc.status != 409:
-                    raise
-                existing = res.get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
+        existing = res.get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
         if is_subset(obj, existing, ignore=("metadata.ownerReferences",)):
             return "unchanged"
         if obj["kind"] == "Job":

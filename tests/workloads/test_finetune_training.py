@@ -47,7 +47,10 @@ def format_config(tmp_path: Path, model: Path, fmt: str):
         return make_config(tmp_path, model, {"source": "pvc", "pvc": {"claimName": "data", "path": "data"},
                                              "format": fmt, "validationSplit": 0.25},
                            dataset_path=path, evaluation={"maxEvalLoss": 0.01})
-    return make_config(tmp_path, model, {"source": "inline", "format": fmt, "rows": rows, "validationSplit": 0.25})
+    # Inline, with one bad row that the spec says to skip.
+    rows.insert(5, {"messages": [{"role": "user", "content": "no answer"}]})
+    return make_config(tmp_path, model, {"source": "inline", "format": fmt, "rows": rows, "validationSplit": 0.25,
+                                         "onBadRow": "skip"})
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +96,8 @@ def test_adapter_loads_with_peft_and_changes_the_output(runs, base_model, tiny_m
     assert not list(adapter.glob("*.bin")) and not (adapter / "model.safetensors").exists()
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (16, 32, 0.05)
-    assert {name.rsplit(".", 1)[-1] for name in adapter_config["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                     "up_proj", "down_proj"}
+    wrapped = {name.rsplit(".", 1)[-1] for name in adapter_config["target_modules"]}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
     model, tokenizer = base_model
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(adapter))
@@ -163,6 +166,14 @@ def test_metadata_records_model_data_config_and_metrics(runs):
     assert 0 < metrics["evalLoss"] < 20
     assert 0 <= metrics["exactMatch"] <= 1 and 0 <= metrics["rougeL"] <= 1 and 0 <= metrics["bleu"] <= 100
     assert metrics["trainTokensPerSecond"] > 0
+
+
+def test_skipped_rows_are_counted_in_the_metadata(runs):
+    dataset = json.loads((runs["chat"][2] / "metadata.json").read_text())["dataset"]
+    assert (dataset["rowsRead"], dataset["skippedRows"], dataset["trainRows"] + dataset["validationRows"]) == (
+        ROW_COUNT + 1, 1, ROW_COUNT)
+    assert dataset["skippedReasons"] == ["inline row 6: field \"messages\" needs at least a user message and the "
+                                         "assistant's answer"]
 
 
 def test_thresholds_mark_the_result_not_promotable(runs):

@@ -8,11 +8,10 @@ import kopf
 from pydantic import ValidationError
 
 from .. import GROUP, VERSION
-from .. import conditions as c
 from .. import statuses
 from ..api.finetunejob import FineTuneJobSpec
 from ..builders import finetune as builder
-from . import shared
+from . import cache, shared
 
 PLURAL = "finetunejobs"
 KIND = "FineTuneJob"
@@ -28,50 +27,62 @@ def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @shared.instrumented(KIND)
-def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, **_: Any) -> None:
+def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reason: str, **_: Any) -> None:
     parsed = parse_spec(spec)
-    obj = dict(body)
-    with shared.object_lock(PLURAL, namespace, name):
+    obj = shared.compact_owner(dict(body))
+    key = (KIND, namespace, name)
+    cache.OWNERS.put(key, obj)
+    children = builder.build(obj, parsed)
+    with shared.object_lock(*key):
         shared.ensure_workload_identity(namespace)
-        shared.apply_children(obj, builder.build(obj, parsed))
-        refresh(obj)
+        shared.apply_children(obj, children)
+        if reason == "resume":
+            # After a restart the caches are cold: read the Job and its pods once from the API.
+            job = shared.api().get("batch/v1", "Job", name, namespace)
+            pods = shared.api().list("v1", "Pod", namespace, {"job-name": name}) if job else []
+            if job:
+                cache.JOBS.put(key, name, cache.compact_job(job))
+            cache.PODS.replace(key, {p["metadata"]["name"]: cache.compact_pod(p) for p in pods})
+        elif not cache.JOBS.get(key):
+            cache.JOBS.put(key, name, cache.compact_job(children[-1]))
+        refresh(key)
 
 
-def refresh(body: dict[str, Any]) -> None:
-    """Recomputes status from the Job and its pods."""
-    meta = body["metadata"]
-    api = shared.api()
-    job = api.get("batch/v1", "Job", builder.names(shared.common.owner_info(body))["job"], meta["namespace"])
-    pods = api.list("v1", "Pod", meta["namespace"], {"job-name": job["metadata"]["name"]}) if job else []
-    if job and job["metadata"].get("labels", {}).get(f"ragtune.io/{KIND.lower()}") != meta["name"]:
-        job, pods = None, []
+def refresh(key: tuple[str, str, str]) -> None:
+    """Recomputes status from the cached Job and pods."""
+    owner = cache.OWNERS.get(key)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return
+    jobs = [j for j in cache.JOBS.get(key) if j["metadata"]["name"] == key[2]]
+    job = jobs[0] if jobs else None
+    pods = [p for p in cache.PODS.get(key) if p["metadata"]["labels"].get("job-name") == key[2]]
     fields, conds = statuses.finetune(job, pods)
     fields["progressText"] = fields.get("progressText") or {"Pending": "pending", "Running": "starting",
                                                             "Failed": "failed"}.get(fields["phase"], "")
-    shared.write_status(PLURAL, body, fields, conds)
+    shared.write_status(PLURAL, owner, fields, conds)
 
 
-def refresh_owner(namespace: str, labels: dict[str, str] | None) -> None:
-    name = shared.owner_of(labels, KIND)
-    if not name:
-        return
-    owner = shared.api().get_custom(PLURAL, name, namespace)
-    if owner is not None:
-        with shared.object_lock(PLURAL, namespace, name):
-            refresh(owner)
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
+    key = (KIND, namespace, name)
+    if type == "DELETED":
+        cache.OWNERS.put(key, None)
+        cache.JOBS.forget(key)
+        cache.PODS.forget(key)
+    else:
+        cache.OWNERS.put(key, shared.compact_owner(dict(body)))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"ragtune.io/finetunejob": kopf.PRESENT})
-def job_changed(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    if type is not None:  # None: the initial listing; resume handlers cover it
-        refresh_owner(namespace, labels)
+def job_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+    key = shared.record_child(KIND, cache.JOBS, cache.compact_job, namespace, dict(body), labels, type)
+    if key and type is not None:  # None: the initial listing; the resume handler refreshes from the API
+        shared.request_refresh(key, lambda: refresh(key))
 
 
 @kopf.on.event("", "v1", "pods", labels={"ragtune.io/finetunejob": kopf.PRESENT})
-def pod_changed(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    if type is not None:
-        refresh_owner(namespace, labels)
+def pod_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+    key = shared.record_child(KIND, cache.PODS, cache.compact_pod, namespace, dict(body), labels, type)
+    if key and type is not None:
+        shared.request_refresh(key, lambda: refresh(key))
 
-
-def status_is_ready(obj: dict[str, Any] | None) -> bool:
-    return bool(obj) and c.is_true((obj.get("status") or {}).get("conditions"), c.READY)

@@ -19,7 +19,7 @@ from ..builders import common
 from ..builders import endpoint as builder
 from ..builders import finetune as finetune_builder
 from ..builders import index as index_builder
-from . import shared
+from . import cache, shared
 
 PLURAL = "hybridendpoints"
 KIND = "HybridEndpoint"
@@ -52,6 +52,16 @@ def endpoint_references(namespace: str, name: str, spec: kopf.Spec, **_: Any) ->
     return refs
 
 
+def lookup(kind: str, plural: str, namespace: str, name: str) -> dict | None:
+    """A referenced object from the watch cache; from the API when the cache has not seen it (yet)."""
+    found = cache.OWNERS.get((kind, namespace, name))
+    if found is None:
+        found = shared.api().get_custom(plural, name, namespace)
+        if found is not None:
+            cache.OWNERS.put((kind, namespace, name), shared.compact_owner(found))
+    return found
+
+
 def resolve_adapter(spec: HybridEndpointSpec, namespace: str) -> builder.ResolvedAdapter | None:
     if spec.mode == "rag" or spec.model.adapter is None:
         return None
@@ -59,7 +69,7 @@ def resolve_adapter(spec: HybridEndpointSpec, namespace: str) -> builder.Resolve
     if adapter.uri:
         return builder.ResolvedAdapter(name="adapter", uri=adapter.uri, digest=None, base_model=spec.model.name)
     ref = adapter.fine_tune_job_ref.name
-    ftj = shared.api().get_custom("finetunejobs", ref, namespace)
+    ftj = lookup("FineTuneJob", "finetunejobs", namespace, ref)
     if ftj is None:
         raise Unresolved(c.REFERENCE_NOT_FOUND, f"FineTuneJob {ref} not found in {namespace}")
     ftj_spec = FineTuneJobSpec.model_validate(ftj["spec"])
@@ -95,7 +105,7 @@ def resolve_index(spec: HybridEndpointSpec, namespace: str) -> builder.ResolvedI
     if spec.mode == "finetuned" or spec.retrieval is None:
         return None
     ref = spec.retrieval.vector_index_ref.name
-    vix = shared.api().get_custom("vectorindexes", ref, namespace)
+    vix = lookup("VectorIndex", "vectorindexes", namespace, ref)
     if vix is None:
         raise Unresolved(c.REFERENCE_NOT_FOUND, f"VectorIndex {ref} not found in {namespace}")
     status = vix.get("status") or {}
@@ -128,107 +138,143 @@ def runtime_for(spec: HybridEndpointSpec) -> str:
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 @shared.instrumented(KIND)
 def reconcile_handler(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
-    reconcile(dict(body))
+    cache.OWNERS.put((KIND, namespace, name), shared.compact_owner(dict(body)))
+    reconcile(namespace, name)
 
 
-def reconcile(body: dict[str, Any]) -> None:
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    with shared.object_lock(PLURAL, namespace, name):
-        fresh = shared.api().get_custom(PLURAL, name, namespace)
-        if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+def reconcile(namespace: str, name: str) -> None:
+    """Resolves the references and applies the serving workload; leaves it untouched while they are not Ready."""
+    key = (KIND, namespace, name)
+    with shared.object_lock(*key):
+        owner = lookup(KIND, PLURAL, namespace, name)
+        if owner is None or owner["metadata"].get("deletionTimestamp"):
             return
-        spec = parse_spec(fresh["spec"])
+        spec = parse_spec(owner["spec"])
         runtime = runtime_for(spec)
         try:
             adapter = resolve_adapter(spec, namespace)
             index = resolve_index(spec, namespace)
         except Unresolved as unresolved:
-            refresh(fresh, spec, runtime, unresolved=unresolved)
+            refresh(key, unresolved=unresolved)
             return
         shared.ensure_workload_identity(namespace)
-        shared.apply_children(fresh, builder.build(fresh, spec, runtime, adapter, index))
-        other = ("ray.io/v1", "RayService") if runtime == "deployment" else ("apps/v1", "Deployment")
-        if runtime == "deployment" and not shared.api().crd_installed(RAYSERVICE_CRD):
-            other = None
-        if other:
-            shared.api().delete(*other, name, namespace)
-        desired = {"adapter": adapter.name if adapter else None, "adapterDigest": adapter.digest if adapter else None,
-                   "index": index.name if index else None, "indexVersion": index.version if index else None}
-        refresh(fresh, spec, runtime, desired=desired)
+        shared.apply_children(owner, builder.build(owner, spec, runtime, adapter, index))
+        if runtime == "rayservice":
+            shared.api().delete("apps/v1", "Deployment", name, namespace)
+        elif shared.api().crd_installed(RAYSERVICE_CRD):
+            shared.api().delete("ray.io/v1", "RayService", name, namespace)
+        DESIRED[key] = {"adapter": adapter.name if adapter else None,
+                        "adapterDigest": adapter.digest if adapter else None,
+                        "index": index.name if index else None, "indexVersion": index.version if index else None}
+        UNRESOLVED.pop(key, None)
+        refresh(key)
 
 
-def refresh(body: dict[str, Any], spec: HybridEndpointSpec, runtime: str, unresolved: Unresolved | None = None,
-            desired: dict[str, Any] | None = None) -> None:
-    meta = body["metadata"]
-    owner = common.owner_info(body)
+# What the last reconcile applied, and why it could not: refreshes triggered by the workload's own changes
+# report against these without resolving the references again.
+DESIRED: dict[tuple[str, str, str], dict[str, Any]] = {}
+UNRESOLVED: dict[tuple[str, str, str], Unresolved] = {}
+
+
+def refresh(key: tuple[str, str, str], unresolved: Unresolved | None = None) -> None:
+    owner = cache.OWNERS.get(key)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return
+    if unresolved is not None:
+        UNRESOLVED[key] = unresolved
+    unresolved = UNRESOLVED.get(key)
+    spec = parse_spec(owner["spec"])
+    runtime = runtime_for(spec)
     kind = "RayService" if runtime == "rayservice" else "Deployment"
-    api_version = "ray.io/v1" if runtime == "rayservice" else "apps/v1"
-    child = shared.api().get(api_version, kind, meta["name"], meta["namespace"])
-    if child is not None and shared.owner_of((child["metadata"].get("labels")), KIND) != meta["name"]:
-        child = None
+    workloads = [w for w in cache.JOBS.get(key) if w.get("kind") == kind]
+    child = workloads[0] if workloads else None
     wanted = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
     fields, conds = statuses.endpoint_workload(kind, child, wanted)
-    fields.update({"runtime": runtime, "url": builder.url(owner, spec)})
-    current = body.get("status") or {}
+    fields.update({"runtime": runtime, "url": builder.url(common.owner_info(owner), spec)})
+    known = cache.STATUS.get((KIND, key[1], owner["metadata"].get("uid") or key[2]))
+    current = known[1] if known else (owner.get("status") or {})
     served = current.get("served")
     if unresolved is not None:
         conds.append(c.condition(c.REFERENCES_READY, False, unresolved.reason, unresolved.message))
+        waiting = unresolved.reason in (c.WAITING_FOR_FINE_TUNE_JOB, c.WAITING_FOR_VECTOR_INDEX)
         if child is None:
             conds = [x for x in conds if x["type"] not in (c.READY, c.PROGRESSING)]
             conds += [c.condition(c.READY, False, unresolved.reason, unresolved.message),
-                      c.condition(c.PROGRESSING, unresolved.reason in (c.WAITING_FOR_FINE_TUNE_JOB,
-                                                                      c.WAITING_FOR_VECTOR_INDEX),
-                                  unresolved.reason, unresolved.message)]
-            fields["phase"] = "Pending" if unresolved.reason.startswith("Waiting") else "Degraded"
+                      c.condition(c.PROGRESSING, waiting, unresolved.reason, unresolved.message)]
+            fields["phase"] = "Pending" if waiting else "Degraded"
         else:
             # The endpoint keeps serving what it served; the new reference is not rolled out yet.
             conds = [x for x in conds if x["type"] != c.PROGRESSING]
-            conds.append(c.condition(c.PROGRESSING, unresolved.reason.startswith("Waiting"), unresolved.reason,
-                                     unresolved.message))
+            conds.append(c.condition(c.PROGRESSING, waiting, unresolved.reason, unresolved.message))
     else:
         conds.append(c.condition(c.REFERENCES_READY, True, c.REFERENCES_RESOLVED, "references are Ready"))
+        desired = DESIRED.get(key)
         rolled_out = child is not None and not c.is_true(conds, c.PROGRESSING) and c.is_true(conds, c.AVAILABLE)
         if desired and (rolled_out or not served):
             served = {k: v for k, v in desired.items() if v is not None}
     if served:
         fields["served"] = served
-    shared.write_status(PLURAL, body, fields, conds)
+    shared.write_status(PLURAL, owner, fields, conds)
 
 
-def refresh_by_name(namespace: str, name: str) -> None:
-    body = shared.api().get_custom(PLURAL, name, namespace)
-    if body is not None:
-        reconcile(body)
+def compact_workload(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {"kind": body.get("kind"), "metadata": {"name": meta.get("name"), "generation": meta.get("generation"),
+                                                   "labels": dict(meta.get("labels") or {})},
+            "status": dict(body.get("status") or {})}
+
+
+def workload_changed(kind: str, body: dict[str, Any], namespace: str, labels: dict[str, str],
+                     type: str | None) -> None:
+    body = {**body, "kind": kind}
+    key = shared.record_child(KIND, cache.JOBS, compact_workload, namespace, body, labels, type)
+    if key:  # the initial listing too: after a restart it is what fills the workload cache
+        shared.request_refresh(key, lambda: refresh(key))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"ragtune.io/hybridendpoint": kopf.PRESENT})
-def deployment_changed(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    if type is not None:
-        refresh_by_name(namespace, labels["ragtune.io/hybridendpoint"])
+def deployment_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+    workload_changed("Deployment", dict(body), namespace, labels, type)
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={"ragtune.io/hybridendpoint": kopf.PRESENT})
-def rayservice_changed(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    if type is not None:
-        refresh_by_name(namespace, labels["ragtune.io/hybridendpoint"])
+def rayservice_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+    workload_changed("RayService", dict(body), namespace, labels, type)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
+    key = (KIND, namespace, name)
+    if type == "DELETED":
+        cache.OWNERS.put(key, None)
+        cache.JOBS.forget(key)
+        DESIRED.pop(key, None)
+        UNRESOLVED.pop(key, None)
+    else:
+        cache.OWNERS.put(key, shared.compact_owner(dict(body)))
 
 
 def _referencing(index: kopf.Index, namespace: str, kind: str, name: str) -> set[str]:
     return set(index.get((namespace, kind, name), []))
 
 
+def reference_changed(kind: str, body: dict[str, Any], namespace: str, name: str, type: str | None,
+                      index: kopf.Index) -> None:
+    if type is None:
+        return
+    cache.OWNERS.put((kind, namespace, name), None if type == "DELETED" else shared.compact_owner(body))
+    for endpoint in _referencing(index, namespace, kind, name):
+        key = (KIND, namespace, endpoint)
+        shared.request_refresh(key, lambda e=endpoint: reconcile(namespace, e))
+
+
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
-def finetunejob_changed(namespace: str, name: str, type: str | None, endpoint_references: kopf.Index,
-                        **_: Any) -> None:
-    if type is not None:
-        for endpoint in _referencing(endpoint_references, namespace, "FineTuneJob", name):
-            refresh_by_name(namespace, endpoint)
+def finetunejob_changed(body: kopf.Body, namespace: str, name: str, type: str | None,
+                        endpoint_references: kopf.Index, **_: Any) -> None:
+    reference_changed("FineTuneJob", dict(body), namespace, name, type, endpoint_references)
 
 
 @kopf.on.event(GROUP, VERSION, "vectorindexes")
-def vectorindex_changed(namespace: str, name: str, type: str | None, endpoint_references: kopf.Index,
-                        **_: Any) -> None:
-    if type is not None:
-        for endpoint in _referencing(endpoint_references, namespace, "VectorIndex", name):
-            refresh_by_name(namespace, endpoint)
+def vectorindex_changed(body: kopf.Body, namespace: str, name: str, type: str | None,
+                        endpoint_references: kopf.Index, **_: Any) -> None:
+    reference_changed("VectorIndex", dict(body), namespace, name, type, endpoint_references)

@@ -14,6 +14,7 @@ from prometheus_client import Counter, Histogram
 
 from .. import conditions as c
 from ..builders import common
+from . import cache
 from ..kube import Api
 
 RECONCILES = Counter("ragtune_reconciles_total", "Reconciliations by kind and result", ["kind", "result"])
@@ -26,6 +27,7 @@ RETAIN_ANNOTATION = "ragtune.io/deletion-policy"
 _api: Api | None = None
 _api_lock = threading.Lock()
 _object_locks: dict[tuple[str, str, str], threading.RLock] = defaultdict(threading.RLock)
+_locks_guard = threading.Lock()
 _workload_rbac_done: set[str] = set()
 
 
@@ -45,8 +47,9 @@ def set_api(value: Api | None) -> None:
     _workload_rbac_done.clear()
 
 
-def object_lock(plural: str, namespace: str, name: str) -> threading.RLock:
-    return _object_locks[(plural, namespace, name)]
+def object_lock(kind: str, namespace: str, name: str) -> threading.RLock:
+    with _locks_guard:
+        return _object_locks[(kind, namespace, name)]
 
 
 def instrumented(kind: str) -> Callable:
@@ -93,28 +96,59 @@ def apply_children(body: dict[str, Any], children: list[dict[str, Any]]) -> dict
 
 
 def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desired: list[dict],
-                 events: bool = True, fresh: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Writes status fields and conditions only when something changed; stamps observedGeneration and posts
-    an event for every condition transition. Re-reads the object first so concurrent writers don't regress it."""
+                 events: bool = True) -> dict[str, Any]:
+    """Writes status fields and conditions only when something changed; stamps observedGeneration and posts an
+    event for every condition transition. The base is the status ragtune last wrote for this object (uid), else
+    the status on the body."""
     meta = body["metadata"]
-    current_obj = fresh or api().get_custom(plural, meta["name"], meta["namespace"])
-    if current_obj is None:
-        return {}
-    current = current_obj.get("status") or {}
-    generation = current_obj["metadata"].get("generation")
+    uid_key = (body["kind"], meta["namespace"], meta.get("uid") or meta["name"])
+    known = cache.STATUS.get(uid_key)
+    current = known[1] if known else (body.get("status") or {})
+    generation = meta.get("generation")
     merged = c.merge_conditions(current.get("conditions"), desired, generation)
     new_status = {**fields, "observedGeneration": generation, "conditions": merged}
     changes = {k: v for k, v in new_status.items() if current.get(k) != v}
     if not changes:
         return current
-    api().patch_status(plural, meta["name"], meta["namespace"], changes)
+    if api().patch_status(plural, meta["name"], meta["namespace"], changes) is None:
+        return current  # the object is gone
+    cache.STATUS.put(uid_key, generation or 0, {**current, **changes})
     if events:
         for cond in c.transitions(current.get("conditions"), merged):
             if cond["type"] == c.PROGRESSING:  # mirrors Ready; one event per transition is enough
                 continue
             kind = "Warning" if cond["reason"] in WARNING_REASONS else "Normal"
-            api().event(current_obj, kind, cond["reason"], f"{cond['type']}={cond['status']}: {cond['message']}")
+            api().event(body, kind, cond["reason"], f"{cond['type']}={cond['status']}: {cond['message']}")
     return {**current, **changes}
+
+
+def request_refresh(key: tuple[str, str, str], run: Callable[[], None]) -> None:
+    """Runs `run` under the object's lock unless a refresh of the same object is already waiting for it."""
+    if not cache.PENDING.claim(key):
+        return
+    with object_lock(*key):
+        cache.PENDING.release(key)
+        run()
+
+
+def compact_owner(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": {**{k: meta.get(k) for k in ("name", "namespace", "uid", "generation",
+                                                     "deletionTimestamp")},
+                         "labels": dict(meta.get("labels") or {})},
+            "spec": body.get("spec"), "status": body.get("status")}
+
+
+def record_child(kind: str, cache_: cache.ChildCache, compact: Callable, namespace: str, body: dict[str, Any],
+                 labels: dict[str, str] | None, event_type: str | None) -> tuple[str, str, str] | None:
+    """Keeps the child cache current; returns the owner key it belongs to."""
+    owner = owner_of(labels, kind)
+    if not owner:
+        return None
+    key = (kind, namespace, owner)
+    cache_.put(key, body["metadata"]["name"], None if event_type == "DELETED" else compact(body))
+    return key
 
 
 WARNING_REASONS = {c.JOB_FAILED, c.BACKOFF_LIMIT_EXCEEDED, c.DEADLINE_EXCEEDED, c.UNSCHEDULABLE,

@@ -14,7 +14,7 @@ from .. import statuses
 from ..api.vectorindex import VectorIndexSpec
 from ..builders import common
 from ..builders import index as builder
-from . import shared
+from . import cache, shared
 
 PLURAL = "vectorindexes"
 KIND = "VectorIndex"
@@ -33,55 +33,67 @@ def parse_spec(spec: dict[str, Any]) -> VectorIndexSpec:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 @shared.instrumented(KIND)
-def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, **_: Any) -> None:
+def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reason: str, **_: Any) -> None:
     parsed = parse_spec(spec)
-    obj = dict(body)
+    obj = shared.compact_owner(dict(body))
+    key = (KIND, namespace, name)
+    cache.OWNERS.put(key, obj)
     children = builder.build(obj, parsed)
-    with shared.object_lock(PLURAL, namespace, name):
+    with shared.object_lock(*key):
         shared.ensure_workload_identity(namespace)
         shared.apply_children(obj, children)
         if not parsed.schedule:
             shared.api().delete("batch/v1", "CronJob", f"{name}-refresh", namespace)
-        prune_jobs(namespace, name, current=builder.names(common.owner_info(obj), parsed)["job"])
-        refresh(obj, parsed)
+        current = builder.names(common.owner_info(obj), parsed)["job"]
+        if reason == "resume":
+            # After a restart the caches are cold: read the Jobs and their pods once from the API.
+            jobs = shared.api().list("batch/v1", "Job", namespace, {"ragtune.io/vectorindex": name})
+            pods = shared.api().list("v1", "Pod", namespace, {"ragtune.io/vectorindex": name})
+            cache.JOBS.replace(key, {j["metadata"]["name"]: cache.compact_job(j) for j in jobs})
+            cache.PODS.replace(key, {p["metadata"]["name"]: cache.compact_pod(p) for p in pods})
+        if not any(j["metadata"]["name"] == current for j in cache.JOBS.get(key)):
+            job = next(c for c in children if c["kind"] == "Job")
+            cache.JOBS.put(key, current, cache.compact_job(job))
+        prune_jobs(key, current)
+        refresh(key)
 
 
-def prune_jobs(namespace: str, name: str, current: str) -> None:
+def prune_jobs(key: tuple[str, str, str], current: str) -> None:
     """Finished Jobs of earlier spec versions beyond the history limit go (with their pods)."""
-    jobs = [j for j in shared.api().list("batch/v1", "Job", namespace, {"ragtune.io/vectorindex": name})
-            if j["metadata"]["name"] != current and j["metadata"]["name"].startswith(f"{name}-")
-            and not j["metadata"]["name"].startswith(f"{name}-refresh-")
+    _, namespace, name = key
+    jobs = [j for j in cache.JOBS.get(key)
+            if j["metadata"]["name"] != current and not j["metadata"]["name"].startswith(f"{name}-refresh-")
             and not (j.get("status") or {}).get("active")]
     jobs.sort(key=lambda j: j["metadata"].get("creationTimestamp") or "", reverse=True)
     for job in jobs[JOB_HISTORY:]:
         shared.api().delete("batch/v1", "Job", job["metadata"]["name"], namespace)
 
 
-def latest_job(namespace: str, name: str, spec: VectorIndexSpec, owner: dict[str, Any]) -> dict | None:
+def latest_job(key: tuple[str, str, str], spec: VectorIndexSpec, owner: dict[str, Any]) -> dict | None:
     """The Job whose result the status shows: the spec version's own Job, or a newer scheduled refresh."""
-    api = shared.api()
+    name = key[2]
     current = builder.names(common.owner_info(owner), spec)["job"]
-    jobs = api.list("batch/v1", "Job", namespace, {"ragtune.io/vectorindex": name})
-    candidates = [j for j in jobs if j["metadata"]["name"] == current
+    candidates = [j for j in cache.JOBS.get(key) if j["metadata"]["name"] == current
                   or j["metadata"]["name"].startswith(f"{name}-refresh-")]
-    return max(candidates, key=lambda j: j["metadata"].get("creationTimestamp") or "", default=None)
+    return max(candidates, key=lambda j: j["metadata"].get("creationTimestamp") or "~", default=None)
 
 
-def refresh(body: dict[str, Any], spec: VectorIndexSpec | None = None) -> None:
-    meta = body["metadata"]
-    spec = spec or parse_spec(body["spec"])
-    fresh = shared.api().get_custom(PLURAL, meta["name"], meta["namespace"])
-    if fresh is None:
+def refresh(key: tuple[str, str, str]) -> None:
+    owner = cache.OWNERS.get(key)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
         return
-    job = latest_job(meta["namespace"], meta["name"], spec, fresh)
-    pods = shared.api().list("v1", "Pod", meta["namespace"], {"job-name": job["metadata"]["name"]}) if job else []
-    previous = fresh.get("status") or {}
+    spec = parse_spec(owner["spec"])
+    job = latest_job(key, spec, owner)
+    pods = [p for p in cache.PODS.get(key)
+            if job and p["metadata"]["labels"].get("job-name") == job["metadata"]["name"]]
+    known = cache.STATUS.get((KIND, key[1], owner["metadata"].get("uid") or key[2]))
+    previous = known[1] if known else (owner.get("status") or {})
     fields, conds = statuses.vectorindex(job, pods, previous)
     fields["progressText"] = fields.get("progressText") or {"Pending": "pending", "Running": "starting",
                                                             "Failed": "failed"}.get(fields["phase"], "")
     if spec.schedule:
         fields["nextRunTime"] = next_run(spec.schedule, spec.suspend)
-    shared.write_status(PLURAL, fresh, fields, conds, fresh=fresh)
+    shared.write_status(PLURAL, owner, fields, conds)
 
 
 def next_run(schedule: str, suspended: bool) -> str | None:
@@ -95,26 +107,29 @@ def next_run(schedule: str, suspended: bool) -> str | None:
     return croniter(schedule, datetime.now(timezone.utc)).get_next(datetime).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def refresh_owner(namespace: str, labels: dict[str, str] | None) -> None:
-    name = shared.owner_of(labels, KIND)
-    if not name:
-        return
-    owner = shared.api().get_custom(PLURAL, name, namespace)
-    if owner is not None:
-        with shared.object_lock(PLURAL, namespace, name):
-            refresh(owner)
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
+    key = (KIND, namespace, name)
+    if type == "DELETED":
+        cache.OWNERS.put(key, None)
+        cache.JOBS.forget(key)
+        cache.PODS.forget(key)
+    else:
+        cache.OWNERS.put(key, shared.compact_owner(dict(body)))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"ragtune.io/vectorindex": kopf.PRESENT})
-def job_changed(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    if type is not None:
-        refresh_owner(namespace, labels)
+def job_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+    key = shared.record_child(KIND, cache.JOBS, cache.compact_job, namespace, dict(body), labels, type)
+    if key and type is not None:
+        shared.request_refresh(key, lambda: refresh(key))
 
 
 @kopf.on.event("", "v1", "pods", labels={"ragtune.io/vectorindex": kopf.PRESENT})
-def pod_changed(namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    if type is not None:
-        refresh_owner(namespace, labels)
+def pod_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+    key = shared.record_child(KIND, cache.PODS, cache.compact_pod, namespace, dict(body), labels, type)
+    if key and type is not None:
+        shared.request_refresh(key, lambda: refresh(key))
 
 
 def _drops_external_collection(spec: kopf.Spec, **_: Any) -> bool:

@@ -1,0 +1,131 @@
+"""In-process views of the objects the controllers watch, fed by watch events.
+
+Status is computed from these instead of reading the API on every child event: a Job's pods change state several
+times in a few seconds, and reading the Job, its Pods and the owner back for each change would dominate the
+operator's work. Only the fields status needs are kept, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Any
+
+from ..api.workload import PROGRESS_ANNOTATION, RESULT_ANNOTATION
+
+OwnerKey = tuple[str, str, str]  # (kind, namespace, name)
+
+
+def compact_pod(body: dict[str, Any]) -> dict[str, Any]:
+    meta, st = body.get("metadata") or {}, body.get("status") or {}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
+                   if k in (PROGRESS_ANNOTATION, RESULT_ANNOTATION)}
+    return {"metadata": {"name": meta.get("name"), "creationTimestamp": meta.get("creationTimestamp"),
+                         "labels": {"job-name": (meta.get("labels") or {}).get("job-name")},
+                         "annotations": annotations},
+            "status": {"phase": st.get("phase"), "conditions": st.get("conditions") or [],
+                       "containerStatuses": st.get("containerStatuses") or []}}
+
+
+def compact_job(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {"metadata": {"name": meta.get("name"), "creationTimestamp": meta.get("creationTimestamp"),
+                         "labels": dict(meta.get("labels") or {})},
+            "status": dict(body.get("status") or {})}
+
+
+class ChildCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[OwnerKey, dict[str, dict]] = defaultdict(dict)
+
+    def put(self, owner: OwnerKey, name: str, value: dict | None) -> None:
+        with self._lock:
+            if value is None:
+                self._items[owner].pop(name, None)
+                if not self._items[owner]:
+                    del self._items[owner]
+            else:
+                self._items[owner][name] = value
+
+    def replace(self, owner: OwnerKey, values: dict[str, dict]) -> None:
+        with self._lock:
+            self._items[owner] = dict(values)
+
+    def get(self, owner: OwnerKey) -> list[dict]:
+        with self._lock:
+            return list(self._items.get(owner, {}).values())
+
+    def forget(self, owner: OwnerKey) -> None:
+        with self._lock:
+            self._items.pop(owner, None)
+
+
+class StatusCache:
+    """The last status ragtune wrote (or saw) per object: the base that decides whether a write is needed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[OwnerKey, tuple[int, dict]] = {}
+
+    def get(self, key: OwnerKey) -> tuple[int, dict] | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key: OwnerKey, generation: int, status: dict) -> None:
+        with self._lock:
+            self._items[key] = (generation, status)
+
+    def forget(self, key: OwnerKey) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+
+JOBS = ChildCache()
+PODS = ChildCache()
+STATUS = StatusCache()
+
+
+class Coalescer:
+    """At most one waiting refresh per object: events that arrive while one waits are folded into it (it reads
+    the newest state when it runs)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: set[OwnerKey] = set()
+
+    def claim(self, key: OwnerKey) -> bool:
+        with self._lock:
+            if key in self._waiting:
+                return False
+            self._waiting.add(key)
+            return True
+
+    def release(self, key: OwnerKey) -> None:
+        with self._lock:
+            self._waiting.discard(key)
+
+
+PENDING = Coalescer()
+
+
+class OwnerCache:
+    """The newest copy of each ragtune object seen (spec, metadata, status), by (kind, namespace, name)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[OwnerKey, dict] = {}
+
+    def put(self, key: OwnerKey, body: dict | None) -> None:
+        with self._lock:
+            if body is None:
+                self._items.pop(key, None)
+            else:
+                self._items[key] = body
+
+    def get(self, key: OwnerKey) -> dict | None:
+        with self._lock:
+            return self._items.get(key)
+
+
+OWNERS = OwnerCache()
