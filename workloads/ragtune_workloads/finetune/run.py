@@ -54,7 +54,6 @@ def prepare(config: FineTuneConfig, hardware: Hardware | None = None) -> Prepare
 def run(config: FineTuneConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Trains, evaluates and exports; returns the result (an `Artifact` as a camelCase dict)."""
     reporter = reporter or Reporter()
-    spec = config.spec
     output = Path(config.output_path)
     output.mkdir(parents=True, exist_ok=True)
     prepared = prepare(config)
@@ -62,65 +61,101 @@ def run(config: FineTuneConfig, reporter: Reporter | None = None) -> dict[str, A
     log.info("engine %s, method %s, precision %s, %d training rows, %d validation rows, %d skipped",
              plan.engine, plan.method, plan.precision, len(prepared.train), len(prepared.validation),
              len(prepared.dataset.skipped))
-
     if plan.engine == "unsloth":
         import unsloth  # noqa: F401  (patches transformers and trl; must come before they are imported)
-    from .evaluate import generate, promotion_verdict, score
     from .progress import Heartbeat, ProgressCallback
-    from .prompts import format_example, to_records
-    from .trainers import build_trainer, last_complete_checkpoint, load_model_and_tokenizer, torch_dtype
 
     quiet_progress_bars()
-    model, tokenizer = load_model_and_tokenizer(plan, spec)
-    train_records = to_records(tokenizer, prepared.train)
-    eval_records = to_records(tokenizer, prepared.validation)
     progress = ProgressCallback(reporter)
+    # From the model load on: loading a 7B model or merging it takes minutes, and status should stay fresh.
+    with Heartbeat(reporter, progress.snapshot):
+        outcome = train_evaluate_export(config, prepared, progress)
+    adapter_manifest = artifacts.file_manifest(outcome.adapter_dir)
+    metadata = build_metadata(config, prepared, outcome, adapter_manifest, progress.resumed_from_step)
+    artifacts.write_metadata(output / artifacts.METADATA_FILE, metadata)
+    uris = {"uri": outcome.adapter_dir, "mergedUri": outcome.merged_dir, "ggufUri": outcome.gguf_path}
+    if config.spec.output.s3 is not None:
+        uris = artifacts.upload_to_s3(output, config.spec.output.s3, uris)
+    result = build_result(config, metadata, uris)
+    reporter.result(result)
+    return result
+
+
+@dataclass
+class Outcome:
+    adapter_dir: Path
+    metrics: dict[str, float]
+    promotable: bool
+    not_promotable_reasons: list[str]
+    merged_dir: Path | None = None
+    gguf_path: Path | None = None
+
+
+def train_evaluate_export(config: FineTuneConfig, prepared: Prepared, progress) -> Outcome:
+    from .evaluate import promotion_verdict
+    from .prompts import to_records
+    from .trainers import build_trainer, last_complete_checkpoint, load_model_and_tokenizer
+
+    spec, plan, output = config.spec, prepared.plan, Path(config.output_path)
+    model, tokenizer = load_model_and_tokenizer(plan, spec)
+    eval_records = to_records(tokenizer, prepared.validation)
     checkpoint_dir = output / artifacts.CHECKPOINT_DIR
-    trainer = build_trainer(plan, spec, model, tokenizer, train_records, eval_records, checkpoint_dir, [progress])
+    trainer = build_trainer(plan, spec, model, tokenizer, to_records(tokenizer, prepared.train), eval_records,
+                            checkpoint_dir, [progress])
     resume_from = last_complete_checkpoint(checkpoint_dir)
     if resume_from:
         log.info("resuming from %s", resume_from.name)
 
-    metrics: dict[str, float] = {}
-    with Heartbeat(reporter, progress.snapshot):
-        started = time.monotonic()
-        train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        metrics["trainLoss"] = float(train_output.training_loss)
-        metrics["trainSeconds"] = time.monotonic() - started
-        metrics["trainSteps"] = float(trainer.state.global_step)
-        if progress.tokens_per_second is not None:
-            metrics["trainTokensPerSecond"] = progress.tokens_per_second
-        adapter_dir = artifacts.save_adapter(trainer.model, output / artifacts.ADAPTER_DIR)
+    started = time.monotonic()
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    metrics = {"trainLoss": float(train_output.training_loss), "trainSeconds": time.monotonic() - started,
+               "trainSteps": float(trainer.state.global_step)}
+    if progress.tokens_per_second is not None:
+        metrics["trainTokensPerSecond"] = progress.tokens_per_second
+    adapter_dir = artifacts.save_adapter(trainer.model, output / artifacts.ADAPTER_DIR)
+    if eval_records:
+        metrics["evalLoss"] = float(trainer.evaluate()["eval_loss"])
+        progress.record(evalLoss=metrics["evalLoss"])
+        metrics.update(generation_metrics(trainer.model, tokenizer, prepared.validation[: spec.evaluation.max_samples],
+                                          plan))
+    promotable, reasons = promotion_verdict(metrics, spec.evaluation)
+    outcome = Outcome(adapter_dir, metrics, promotable, reasons)
 
-        if eval_records:
-            metrics["evalLoss"] = float(trainer.evaluate()["eval_loss"])
-            progress.record(evalLoss=metrics["evalLoss"])
-            held_out = prepared.validation[: spec.evaluation.max_samples]
-            formatted = [format_example(tokenizer, e) for e in held_out]
-            references = [f.reference for f in formatted]
-            model_for_eval = trainer.model
-            if plan.engine == "unsloth":
-                from unsloth import FastLanguageModel
+    if spec.output.merge or spec.output.gguf.enabled:
+        del trainer, model  # the merge loads a second, full-precision copy: free the training one first
+        outcome.merged_dir = merge(config, plan, adapter_dir, tokenizer)
+        if spec.output.gguf.enabled:
+            outcome.gguf_path = artifacts.export_gguf(outcome.merged_dir, output, spec.output.gguf.quantization)
+    return outcome
 
-                FastLanguageModel.for_inference(model_for_eval)
-            predictions = generate(model_for_eval, tokenizer, [f.prompt for f in formatted], references,
-                                   batch_size=EVAL_BATCH_SIZE)
-            metrics.update(score(predictions, references))
-            metrics["evalSamples"] = float(len(held_out))
-        promotable, reasons = promotion_verdict(metrics, spec.evaluation)
 
-        merged_dir = gguf_path = None
-        if spec.output.merge or spec.output.gguf.enabled:
-            # Free the training copy first: the merge loads a second, full-precision one.
-            del trainer, model
-            merged_dir = artifacts.merge_adapter(plan.model_source, adapter_dir, output / artifacts.MERGED_DIR,
-                                                 tokenizer, torch_dtype(merge_precision(plan)), plan.revision)
-            if spec.output.gguf.enabled:
-                gguf_path = artifacts.export_gguf(merged_dir, output, spec.output.gguf.quantization)
+def generation_metrics(model, tokenizer, held_out: list, plan: TrainingPlan) -> dict[str, float]:
+    """Exact match, ROUGE-L and BLEU of greedy answers to the held-out prompts against their references."""
+    from .evaluate import generate, score
+    from .prompts import format_example
 
-    adapter_manifest = artifacts.file_manifest(adapter_dir)
-    digest = artifacts.manifest_digest(adapter_manifest)
-    metadata = {
+    formatted = [format_example(tokenizer, example) for example in held_out]
+    references = [f.reference for f in formatted]
+    if plan.engine == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)  # unsloth's generation kernels; training is over
+    predictions = generate(model, tokenizer, [f.prompt for f in formatted], references, batch_size=EVAL_BATCH_SIZE)
+    return {**score(predictions, references), "evalSamples": float(len(held_out))}
+
+
+def merge(config: FineTuneConfig, plan: TrainingPlan, adapter_dir: Path, tokenizer) -> Path:
+    from .trainers import torch_dtype
+
+    # The training precision: 16-bit weights from a GPU run (what a server loads), fp32 from a CPU run.
+    return artifacts.merge_adapter(plan.model_source, adapter_dir, Path(config.output_path) / artifacts.MERGED_DIR,
+                                   tokenizer, torch_dtype(plan.precision), plan.revision)
+
+
+def build_metadata(config: FineTuneConfig, prepared: Prepared, outcome: Outcome,
+                   adapter_manifest: list[tuple[str, str]], resumed_from_step: int) -> dict[str, Any]:
+    spec, plan, dataset = config.spec, prepared.plan, prepared.dataset
+    return {
         "baseModel": spec.model.name,
         "baseModelSource": plan.model_source,
         "baseModelRevision": base_model_revision(plan, config),
@@ -129,42 +164,39 @@ def run(config: FineTuneConfig, reporter: Reporter | None = None) -> dict[str, A
         "precision": plan.precision,
         "hardware": {"nvidiaGpu": prepared.hardware.nvidia_gpu, "gpuName": prepared.hardware.gpu_name},
         "dataset": {
-            "digest": prepared.dataset.digest,
-            "rowsRead": prepared.dataset.rows_read,
+            "digest": dataset.digest,
+            "rowsRead": dataset.rows_read,
             "trainRows": len(prepared.train),
             "validationRows": len(prepared.validation),
-            "skippedRows": len(prepared.dataset.skipped),
-            "skippedReasons": prepared.dataset.skipped[:20],
+            "skippedRows": len(dataset.skipped),
+            "skippedReasons": dataset.skipped[:20],
         },
         "config": spec.to_wire(),
         "owner": config.owner.to_wire(),
-        "metrics": metrics,
-        "promotable": promotable,
-        "notPromotableReasons": reasons,
-        "resumedFromStep": progress.resumed_from_step,
-        "digest": digest,
+        "metrics": outcome.metrics,
+        "promotable": outcome.promotable,
+        "notPromotableReasons": outcome.not_promotable_reasons,
+        "resumedFromStep": resumed_from_step,
+        "digest": artifacts.manifest_digest(adapter_manifest),
         "files": [{"path": path, "sha256": sha} for path, sha in adapter_manifest],
-        "merged": describe_tree(merged_dir),
-        "gguf": describe_tree(gguf_path),
+        "merged": describe_tree(outcome.merged_dir),
+        "gguf": describe_tree(outcome.gguf_path),
         "completedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    artifacts.write_metadata(output / artifacts.METADATA_FILE, metadata)
 
-    uris = {"uri": adapter_dir, "mergedUri": merged_dir, "ggufUri": gguf_path}
-    if spec.output.s3 is not None:
-        uris = artifacts.upload_to_s3(output, spec.output.s3, uris)
-    result = {
+
+def build_result(config: FineTuneConfig, metadata: dict[str, Any], uris: dict[str, Any]) -> dict[str, Any]:
+    """The `Artifact` the operator copies into status (camelCase keys)."""
+    return {
         "uri": str(uris["uri"]),
-        "digest": digest,
-        "baseModel": spec.model.name,
+        "digest": metadata["digest"],
+        "baseModel": config.spec.model.name,
         "baseModelRevision": metadata["baseModelRevision"],
         "mergedUri": str(uris["mergedUri"]) if uris["mergedUri"] else None,
         "ggufUri": str(uris["ggufUri"]) if uris["ggufUri"] else None,
-        "metrics": metrics,
-        "promotable": promotable,
+        "metrics": metadata["metrics"],
+        "promotable": metadata["promotable"],
     }
-    reporter.result(result)
-    return result
 
 
 def quiet_progress_bars() -> None:
@@ -174,11 +206,6 @@ def quiet_progress_bars() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-
-
-def merge_precision(plan: TrainingPlan) -> str:
-    # 16-bit training merges into 16-bit weights (what a server loads); a CPU run keeps fp32.
-    return plan.precision
 
 
 def base_model_revision(plan: TrainingPlan, config: FineTuneConfig) -> str | None:
