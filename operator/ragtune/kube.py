@@ -5,6 +5,7 @@ Calls are synchronous (the kopf handlers that use them run in kopf's thread pool
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -42,11 +43,29 @@ class Api:
                 self._resources[key] = self.dynamic.resources.get(api_version=api_version, kind=kind)
         return self._resources[key]
 
+    def request(self, method: str, api_version: str, kind: str, name: str | None = None,
+                namespace: str | None = None, body: Any = None, query: list[tuple[str, str]] | None = None,
+                content_type: str = "application/json") -> dict:
+        """One API call returning plain JSON: the typed and dynamic clients' object models cost more CPU than
+        the call itself at operator scale."""
+        path = self.resource(api_version, kind).path(name=name, namespace=namespace)
+        if path.endswith("/") and name is None:
+            path = path.rstrip("/")
+        request = self.api_client.param_serialize(
+            method, path, query_params=query or [], header_params={"Accept": "application/json",
+                                                                   "Content-Type": content_type},
+            body=body, auth_settings=["BearerToken"])
+        response = self.api_client.call_api(*request, _request_timeout=30)
+        response.read()
+        if not 200 <= response.status <= 299:
+            self.api_client.response_deserialize(response, {})  # raises ApiException with the server's message
+        return json.loads(response.data) if response.data else {}
+
     # ------------------------------------------------------------ reading
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None) -> dict | None:
         try:
-            return self.resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+            return self.request("GET", api_version, kind, name, namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -54,8 +73,8 @@ class Api:
 
     def list(self, api_version: str, kind: str, namespace: str | None, labels: dict[str, str]) -> list[dict]:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        found = self.resource(api_version, kind).get(namespace=namespace, label_selector=selector)
-        return [item.to_dict() for item in found.items]
+        return self.request("GET", api_version, kind, None, namespace,
+                            query=[("labelSelector", selector)]).get("items", [])
 
     def get_custom(self, plural: str, name: str, namespace: str) -> dict | None:
         try:
@@ -80,29 +99,30 @@ class Api:
         """Creates the object, or brings the fields ragtune owns up to date with server-side apply.
         Returns created | configured | unchanged; an unchanged object is not written."""
         meta = obj["metadata"]
-        res = self.resource(obj["apiVersion"], obj["kind"])
+        api_version, kind, namespace = obj["apiVersion"], obj["kind"], meta.get("namespace")
         # Most calls create a new child: try that first and read only when it already exists.
         try:
-            res.create(body=obj, namespace=meta.get("namespace"), field_manager=FIELD_MANAGER)
+            self.request("POST", api_version, kind, None, namespace, body=obj,
+                         query=[("fieldManager", FIELD_MANAGER)])
             return "created"
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        existing = res.get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
+        existing = self.request("GET", api_version, kind, meta["name"], namespace)
         if is_subset(obj, existing, ignore=("metadata.ownerReferences",)):
             return "unchanged"
-        if obj["kind"] == "Job":
+        if kind == "Job":
             # A Job's pod template is immutable; a changed run gets a new Job name instead.
             return "unchanged"
-        res.server_side_apply(body=obj, name=meta["name"], namespace=meta.get("namespace"),
-                              field_manager=FIELD_MANAGER, force_conflicts=True)
+        self.request("PATCH", api_version, kind, meta["name"], namespace, body=obj,
+                     query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+                     content_type="application/apply-patch+yaml")
         return "configured"
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None,
                propagation: str = "Background") -> bool:
         try:
-            self.resource(api_version, kind).delete(name=name, namespace=namespace,
-                                                    body={"propagationPolicy": propagation})
+            self.request("DELETE", api_version, kind, name, namespace, body={"propagationPolicy": propagation})
             return True
         except ApiException as exc:
             if exc.status == 404:
@@ -110,9 +130,19 @@ class Api:
             raise
 
     def patch_status(self, plural: str, name: str, namespace: str, status: dict[str, Any]) -> dict | None:
+        kind = {"finetunejobs": "FineTuneJob", "vectorindexes": "VectorIndex",
+                "hybridendpoints": "HybridEndpoint"}[plural]
+        path = self.resource(API_VERSION, kind).path(name=name, namespace=namespace) + "/status"
         try:
-            return self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, plural, name, {"status": status})
+            request = self.api_client.param_serialize(
+                "PATCH", path, header_params={"Accept": "application/json",
+                                              "Content-Type": "application/merge-patch+json"},
+                body={"status": status}, auth_settings=["BearerToken"])
+            response = self.api_client.call_api(*request, _request_timeout=30)
+            response.read()
+            if not 200 <= response.status <= 299:
+                self.api_client.response_deserialize(response, {})
+            return json.loads(response.data)
         except ApiException as exc:
             if exc.status == 404:
                 return None

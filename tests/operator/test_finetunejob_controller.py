@@ -56,8 +56,11 @@ def test_a_gpu_finetunejob_lands_on_the_gpu_node(kube, namespace, adapters):
 
 def test_too_many_gpus_is_reported_as_unschedulable(kube, namespace, adapters):
     kube.apply(finetunejob("greedy", resources={"gpu": 3}), namespace)
-    obj = wait_ready(kube, "FineTuneJob", "greedy", namespace, "False", reason="Unschedulable")
-    assert "nvidia.com/gpu" in kube.condition(obj, "Ready")["message"]
+    wait_ready(kube, "FineTuneJob", "greedy", namespace, "False", reason="Unschedulable")
+    # The scheduler's message names what is missing (once the volume is bound, that is the GPUs).
+    kube.wait_for(lambda: "Insufficient nvidia.com/gpu" in (kube.condition(
+        kube.get(API, "FineTuneJob", "greedy", namespace), "Ready") or {}).get("message", ""),
+        "the Ready message to name the missing GPUs")
 
 
 def test_a_failing_job_ends_failed_with_the_reason(kube, namespace, adapters):

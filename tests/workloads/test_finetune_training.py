@@ -346,3 +346,20 @@ def test_trl_trains_on_the_gpu_in_16_bits(tmp_path, tiny_model):
     metadata = json.loads((Path(config.output_path) / "metadata.json").read_text())
     assert metadata["engine"] == "trl" and metadata["precision"] in {"bf16", "fp16"}
     assert result["digest"] == sha256sum_digest(Path(result["uri"]))
+
+
+def test_loss_covers_the_completion_only(tmp_path, tiny_model):
+    from ragtune_workloads.finetune.engine import Hardware, plan_training
+    from ragtune_workloads.finetune.prompts import to_records
+    from ragtune_workloads.finetune.trainers import build_trainer, load_model_and_tokenizer
+
+    config = make_config(tmp_path, tiny_model, {"source": "inline", "format": "chat", "rows": ROWS["chat"](4)})
+    plan = plan_training(config, Hardware())
+    model, tokenizer = load_model_and_tokenizer(plan, config.spec)
+    examples = load_examples(read_rows(config.spec.dataset, None), config.spec.dataset).examples
+    trainer = build_trainer(plan, config.spec, model, tokenizer, to_records(tokenizer, examples), [],
+                            tmp_path / "checkpoints", [])
+    row = trainer.train_dataset[3]
+    learnt = [label for label in row["labels"] if label != -100]  # -100: no loss on this token
+    assert tokenizer.decode(learnt) == "9<|end|>"  # the answer and end-of-turn; no system or user text
+    assert tokenizer.decode(row["input_ids"]).startswith("<|system|>\nanswer with a number<|end|>")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def stack(tmp_path_factory):
         yield {"urls": {name: f"{base}/{name}" for name in configs}, "store": store, "corpus": corpus,
                "embedder": embedder, "key_file": key_file}
     leftovers = fx.ray_processes_of(ray_dir)
+    shutil.rmtree(ray_dir, ignore_errors=True)
     assert not leftovers, f"Ray processes left after shutdown: {leftovers}"
 
 

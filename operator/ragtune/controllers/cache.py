@@ -86,29 +86,6 @@ PODS = ChildCache()
 STATUS = StatusCache()
 
 
-class Coalescer:
-    """At most one waiting refresh per object: events that arrive while one waits are folded into it (it reads
-    the newest state when it runs)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: set[OwnerKey] = set()
-
-    def claim(self, key: OwnerKey) -> bool:
-        with self._lock:
-            if key in self._waiting:
-                return False
-            self._waiting.add(key)
-            return True
-
-    def release(self, key: OwnerKey) -> None:
-        with self._lock:
-            self._waiting.discard(key)
-
-
-PENDING = Coalescer()
-
-
 class OwnerCache:
     """The newest copy of each ragtune object seen (spec, metadata, status), by (kind, namespace, name)."""
 

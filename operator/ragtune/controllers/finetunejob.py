@@ -63,7 +63,7 @@ def refresh(key: tuple[str, str, str]) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
+async def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
     key = (KIND, namespace, name)
     if type == "DELETED":
         cache.OWNERS.put(key, None)
@@ -74,14 +74,14 @@ def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, 
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"ragtune.io/finetunejob": kopf.PRESENT})
-def job_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+async def job_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
     key = shared.record_child(KIND, cache.JOBS, cache.compact_job, namespace, dict(body), labels, type)
     if key and type is not None:  # None: the initial listing; the resume handler refreshes from the API
         shared.request_refresh(key, lambda: refresh(key))
 
 
 @kopf.on.event("", "v1", "pods", labels={"ragtune.io/finetunejob": kopf.PRESENT})
-def pod_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+async def pod_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
     key = shared.record_child(KIND, cache.PODS, cache.compact_pod, namespace, dict(body), labels, type)
     if key and type is not None:
         shared.request_refresh(key, lambda: refresh(key))

@@ -233,17 +233,19 @@ def workload_changed(kind: str, body: dict[str, Any], namespace: str, labels: di
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"ragtune.io/hybridendpoint": kopf.PRESENT})
-def deployment_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+async def deployment_changed(body: kopf.Body, namespace: str, labels: dict[str, str],
+                             type: str | None, **_: Any) -> None:
     workload_changed("Deployment", dict(body), namespace, labels, type)
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={"ragtune.io/hybridendpoint": kopf.PRESENT})
-def rayservice_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+async def rayservice_changed(body: kopf.Body, namespace: str, labels: dict[str, str],
+                             type: str | None, **_: Any) -> None:
     workload_changed("RayService", dict(body), namespace, labels, type)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
+async def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
     key = (KIND, namespace, name)
     if type == "DELETED":
         cache.OWNERS.put(key, None)
@@ -269,12 +271,12 @@ def reference_changed(kind: str, body: dict[str, Any], namespace: str, name: str
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
-def finetunejob_changed(body: kopf.Body, namespace: str, name: str, type: str | None,
+async def finetunejob_changed(body: kopf.Body, namespace: str, name: str, type: str | None,
                         endpoint_references: kopf.Index, **_: Any) -> None:
     reference_changed("FineTuneJob", dict(body), namespace, name, type, endpoint_references)
 
 
 @kopf.on.event(GROUP, VERSION, "vectorindexes")
-def vectorindex_changed(body: kopf.Body, namespace: str, name: str, type: str | None,
+async def vectorindex_changed(body: kopf.Body, namespace: str, name: str, type: str | None,
                         endpoint_references: kopf.Index, **_: Any) -> None:
     reference_changed("VectorIndex", dict(body), namespace, name, type, endpoint_references)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -17,6 +18,7 @@ from ..builders import common
 from . import cache
 from ..kube import Api
 
+log = logging.getLogger(__name__)
 RECONCILES = Counter("ragtune_reconciles_total", "Reconciliations by kind and result", ["kind", "result"])
 ERRORS = Counter("ragtune_reconcile_errors_total", "Reconciliations that raised, by kind", ["kind"])
 DURATION = Histogram("ragtune_reconcile_duration_seconds", "Reconciliation time by kind", ["kind"],
@@ -122,13 +124,57 @@ def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desi
     return {**current, **changes}
 
 
+class Refresher:
+    """Status refreshes triggered by child events run here, off kopf's handler pool: each object is refreshed at
+    most once per `delay` however many events arrive (a Job's pod changes several times in a second), and
+    creating children for new objects never waits behind status bookkeeping."""
+
+    def __init__(self, workers: int = 2, delay: float = 0.2):
+        self.delay = delay
+        self._workers = workers
+        self._cond = threading.Condition()
+        self._due: dict[tuple[str, str, str], tuple[float, Callable[[], None]]] = {}
+        self._threads: list[threading.Thread] = []
+
+    def schedule(self, key: tuple[str, str, str], run: Callable[[], None]) -> None:
+        with self._cond:
+            if key not in self._due:
+                self._due[key] = (time.monotonic() + self.delay, run)
+                self._cond.notify()
+            if not self._threads:
+                for i in range(self._workers):
+                    thread = threading.Thread(target=self._loop, name=f"ragtune-refresh-{i}", daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+
+    def _next(self) -> tuple[tuple[str, str, str], Callable[[], None]]:
+        with self._cond:
+            while True:
+                if self._due:
+                    key, (due, run) = min(self._due.items(), key=lambda item: item[1][0])
+                    wait = due - time.monotonic()
+                    if wait <= 0:
+                        del self._due[key]
+                        return key, run
+                    self._cond.wait(wait)
+                else:
+                    self._cond.wait()
+
+    def _loop(self) -> None:
+        while True:
+            key, run = self._next()
+            try:
+                with object_lock(*key):
+                    run()
+            except Exception:  # one object's failure must not stop the others' status
+                log.exception("refreshing %s/%s/%s failed", *key)
+
+
+REFRESHER = Refresher()
+
+
 def request_refresh(key: tuple[str, str, str], run: Callable[[], None]) -> None:
-    """Runs `run` under the object's lock unless a refresh of the same object is already waiting for it."""
-    if not cache.PENDING.claim(key):
-        return
-    with object_lock(*key):
-        cache.PENDING.release(key)
-        run()
+    REFRESHER.schedule(key, run)
 
 
 def compact_owner(body: dict[str, Any]) -> dict[str, Any]:

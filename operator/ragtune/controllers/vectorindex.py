@@ -108,7 +108,7 @@ def next_run(schedule: str, suspended: bool) -> str | None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
+async def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
     key = (KIND, namespace, name)
     if type == "DELETED":
         cache.OWNERS.put(key, None)
@@ -119,14 +119,14 @@ def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, 
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"ragtune.io/vectorindex": kopf.PRESENT})
-def job_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+async def job_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
     key = shared.record_child(KIND, cache.JOBS, cache.compact_job, namespace, dict(body), labels, type)
     if key and type is not None:
         shared.request_refresh(key, lambda: refresh(key))
 
 
 @kopf.on.event("", "v1", "pods", labels={"ragtune.io/vectorindex": kopf.PRESENT})
-def pod_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
+async def pod_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
     key = shared.record_child(KIND, cache.PODS, cache.compact_pod, namespace, dict(body), labels, type)
     if key and type is not None:
         shared.request_refresh(key, lambda: refresh(key))
