@@ -6,13 +6,15 @@ SHELL := bash
 PYTHON ?= python3
 PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/workloads
+# Models come from the project's own packages and fixtures; nothing is fetched from a hub at run time.
+export HF_HUB_OFFLINE := 1
 # The venv and the control-plane binaries live in version-keyed caches outside the repository.
 venv = $$(bash hack/venv.sh)
 k8s_bin = $$(bash hack/build-k8s.sh)
 
 .PHONY: help
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
 
 .PHONY: venv
 venv: ## Create the cached virtualenv (once per dependency set) and print its path
@@ -53,8 +55,28 @@ test-unit: ## Run the tests that need no cluster
 	@"$(venv)/bin/python" -m pytest -m "not cluster" $(PYTEST_ARGS)
 
 .PHONY: run
-run: ## Run the operator against the current kubeconfig
+run: ## Run the operator against the current kubeconfig (make manifests; kubectl apply -f crds/ first)
 	@"$(venv)/bin/python" -m ragtune run
+
+.PHONY: rbac
+rbac: ## Print the operator's ClusterRole (least privilege, from ragtune.rbac)
+	@"$(venv)/bin/python" -m ragtune.rbac
+
+.PHONY: demo
+demo: ## The main job on an embedded default: index, fine-tune, serve, ask; prints the answer with its sources
+	@venv=$(venv); "$$venv/bin/python" hack/demo.py
+
+BENCH_ARGS ?= --quick
+.PHONY: bench bench-operator bench-index bench-finetune bench-serve
+bench: bench-operator bench-index bench-finetune bench-serve ## Run every benchmark (BENCH_ARGS=--quick by default)
+bench-operator: ## Operator: apply→Job latency, reconcile time, RSS vs direct API writes
+	@venv=$(venv); bin=$(k8s_bin); RAGTUNE_K8S_BIN="$$bin" "$$venv/bin/python" bench/operator.py $(BENCH_ARGS)
+bench-index: ## Indexing: ragtune vs the LlamaIndex + Chroma stack vs raw encode
+	@"$(venv)/bin/python" bench/index.py $(BENCH_ARGS)
+bench-finetune: ## Fine-tuning: tokens/s and peak RSS (unsloth/trl ratio on a GPU)
+	@"$(venv)/bin/python" bench/finetune.py $(BENCH_ARGS)
+bench-serve: ## Serving: latency and throughput at 1/4/16 clients vs the FastAPI + LlamaIndex server
+	@"$(venv)/bin/python" bench/serve.py $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove caches inside the repository (the venv and binary caches stay)

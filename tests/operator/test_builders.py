@@ -94,7 +94,8 @@ def test_index_builds_a_store_claim_config_and_a_cronjob_for_a_schedule():
     assert pvc["metadata"]["annotations"]["ragtune.io/deletion-policy"] == "Retain"
     config = IndexConfig.model_validate_json(config_map["data"]["config.json"])
     assert config.source_paths == ["/sources/0/manuals", None]
-    assert config.store_uri == "/store/team_a_demo.db" and config.collection == "team_a_demo"
+    assert config.store_uri == "/store" and config.collection == "team_a_demo"
+    assert config.state_path == "/store/team_a_demo/state"
     assert cron["spec"]["suspend"] is True and cron["spec"]["concurrencyPolicy"] == "Forbid"
     assert cron["spec"]["jobTemplate"]["spec"]["template"] == job["spec"]["template"]
 
@@ -112,9 +113,9 @@ HEP = {"mode": "hybrid", "model": {"name": "base/m", "adapter": {"fineTuneJobRef
        "retrieval": {"vectorIndexRef": {"name": "docs"}}, "apiKeySecret": "keys"}
 ADAPTER = endpoint.ResolvedAdapter(name="ft", uri="pvc://adapters/ft/adapter", digest="sha256:abc",
                                    base_model="base/m", claim_name="adapters", sub_path="ft/adapter")
-INDEX = endpoint.ResolvedIndex(name="docs", collection="ns_docs", store_uri="/store/ns_docs.db",
+INDEX = endpoint.ResolvedIndex(name="docs", collection="ns_docs", store_uri="/store",
                                embedding_model="all-MiniLM-L6-v2", version="v2", claim_name="docs-store",
-                               sub_path="ns_docs.db")
+                               sub_path="")
 
 
 def test_endpoint_deployment_mounts_adapter_index_and_key_and_rolls_without_downtime():
@@ -122,7 +123,7 @@ def test_endpoint_deployment_mounts_adapter_index_and_key_and_rolls_without_down
     objs = by_kind(endpoint.build(body("HybridEndpoint"), spec, "deployment", ADAPTER, INDEX))
     config = ServeConfig.model_validate_json(objs["ConfigMap"]["data"]["config.json"])
     assert config.adapter.path == "/adapters/ft/ft/adapter" and config.adapter.digest == "sha256:abc"
-    assert config.retrieval.store_uri == "/store/ns_docs.db"
+    assert config.retrieval.store_uri == "/store" and config.retrieval.collection == "ns_docs"
     assert config.api_key_file == "/var/run/ragtune/api-key/api-key"
     deployment = objs["Deployment"]
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}

@@ -33,10 +33,12 @@ def store_claim(owner: OwnerInfo, spec: VectorIndexSpec) -> tuple[str, str] | No
 
 
 def store_uri(owner: OwnerInfo, spec: VectorIndexSpec) -> str:
+    """A Milvus server's URL, or the milvus-lite root directory on the store volume (the workload keeps each
+    collection's versions and its active-version pointer in <root>/<collection>/)."""
     if spec.store.backend == "milvus":
         return spec.store.uri
     path = store_claim(owner, spec)[1]
-    return f"{STORE_MOUNT}/{path + '/' if path else ''}{collection_name(owner, spec)}.db"
+    return f"{STORE_MOUNT}/{path}".rstrip("/")
 
 
 def run_digest(spec: VectorIndexSpec) -> str:
@@ -64,9 +66,8 @@ def workload_config(owner: OwnerInfo, spec: VectorIndexSpec) -> IndexConfig:
     if spec.embedding.source == "pvc" and spec.embedding.pvc:
         model_path = f"{MODEL_MOUNT}/{spec.embedding.pvc.path.lstrip('/')}".rstrip("/")
     state = None
-    claim = store_claim(owner, spec)
-    if claim:
-        state = f"{STORE_MOUNT}/{claim[1]}".rstrip("/") + "/.ragtune-state"
+    if store_claim(owner, spec):
+        state = f"{store_uri(owner, spec)}/{collection_name(owner, spec)}/state"
     return IndexConfig(owner=owner, spec=spec, source_paths=paths, model_path=model_path,
                        store_uri=store_uri(owner, spec), collection=collection_name(owner, spec), state_path=state)
 
