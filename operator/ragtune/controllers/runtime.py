@@ -28,7 +28,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 30
-    # Peering: several replicas elect one active operator; without the peering CRDs it runs standalone.
+    # Peering: several replicas elect one active operator (crds/kopf.dev_peerings.yaml); without those CRDs
+    # each replica runs standalone.
     settings.peering.name = os.environ.get("RAGTUNE_PEERING", "ragtune")
     settings.peering.mandatory = False
     settings.peering.clusterwide = not os.environ.get("RAGTUNE_NAMESPACE")
