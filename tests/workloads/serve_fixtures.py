@@ -20,6 +20,13 @@ ADAPTER_NAME = "exec-summary"
 # What the adapter learned to answer, whatever the question: recognisable in any engine's output.
 ADAPTER_ANSWER = "status ready: the cluster is ready and the answer is short."
 ADAPTER_VERSION = "serve-adapter-v1"
+# How every answer through the adapter starts; the random base model never writes it. After prompts unlike the
+# training ones the rest may drift ("status ready and the answer is short."), so tests check the kind of answer.
+ADAPTER_SIGNATURE = "status ready"
+
+
+def speaks_like_adapter(text: str) -> bool:
+    return text.startswith(ADAPTER_SIGNATURE)
 
 TRAINING_QUESTIONS = [
     "what is the pressure distribution on a cone", "how does the boundary layer grow",

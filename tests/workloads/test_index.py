@@ -26,7 +26,10 @@ from ragtune_workloads.index.store import LITE_INDEX_TYPES
 # all-MiniLM-L6-v2, 256-token chunks, AUTOINDEX. Pinned a little lower so index build noise cannot flip it.
 RECALL_AT_10_FLOOR = 0.60
 NDCG_AT_10_FLOOR = 0.47
-ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'workloads'}", "HF_HUB_OFFLINE": "1"}
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'workloads'}", "HF_HUB_OFFLINE": "1", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +141,7 @@ from pathlib import Path
 from ragtune_workloads.index.embedding import Embedder, ModelRef
 from ragtune_workloads.index.retrieval import Retriever
 store, model_path, stop, out = sys.argv[1:5]
-retriever = Retriever(store, "small", Embedder(ModelRef(sys.argv[5], model_path)))
+retriever = Retriever(store, "small", Embedder(ModelRef(sys.argv[5], model_path), backend=sys.argv[6]))
 with open(out, "w") as log:
     print(json.dumps({"ready": retriever.active.name}), file=log, flush=True)
     while not Path(stop).exists():
@@ -164,12 +167,13 @@ def version_ids(store: Path, alias: str, version: str, scratch: Path) -> set[str
 def test_rebuild_switches_a_reader_in_another_process_atomically(cranfield_subset, tmp_path, embedder, model_path):
     docs, _ = cranfield_subset
     corpus, store = tmp_path / "corpus", tmp_path / "store"
-    cranfield.write_corpus(docs[:60], corpus)
+    cranfield.write_corpus(docs[:40], corpus)
     run_index(index_config(corpus, store, model_path, collection="small"), RecordingReporter(), embedder=embedder)
 
     stop, log = tmp_path / "stop", tmp_path / "reader.jsonl"
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(store), model_path, str(stop), str(log), MODEL_NAME],
-                              env=ENV, stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(store), model_path, str(stop), str(log), MODEL_NAME,
+                               embedder.backend],
+                              env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (log.exists() and log.read_text().count("\n") >= 3):
@@ -227,13 +231,36 @@ def test_querying_with_another_model_is_refused(first_run, embedder, model_path)
         Retriever(config.store_uri, config.collection, other)
 
 
+def test_long_queries_are_cut_to_the_model_window(embedder):
+    vectors = embedder.embed_queries(["supersonic wing " * 1500, "wing"])
+    assert vectors.shape == (2, 384)
+
+
+def test_onnx_backend_gives_the_same_vectors_and_answers(first_run, embedder, model_path, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
+    pytest.importorskip("onnx", reason="spec.embedding.backend=onnx needs onnx to export the model")
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))  # exported afresh, not from the session
+    config, _, _ = first_run
+    onnx = Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx")
+    torch = Embedder(ModelRef(MODEL_NAME, model_path), backend="torch") if embedder.backend == "onnx" \
+        else embedder
+    texts = ["shock waves on a blunt body", "heat transfer " * 80, "lift"]
+    cosines = (onnx.embed_documents(texts) * torch.embed_documents(texts)).sum(axis=1)
+    assert cosines.min() > 0.9999
+    queries = ["boundary layer transition on a flat plate", "buckling of thin cylindrical shells"]
+    with Retriever(config.store_uri, config.collection, onnx) as by_onnx, \
+            Retriever(config.store_uri, config.collection, torch) as by_torch:
+        for query in queries:
+            assert [h.id for h in by_onnx.search(query, k=5)] == [h.id for h in by_torch.search(query, k=5)]
+
+
 # ---- the program as the Job runs it ---------------------------------------------------------------------------
 
 def run_cli(tmp_path: Path, config) -> subprocess.CompletedProcess:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.model_dump(by_alias=True, mode="json")))
-    env = {**ENV, "RAGTUNE_PROGRESS_FILE": str(tmp_path / "progress.json"),
-           "RAGTUNE_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    env = subprocess_env(RAGTUNE_PROGRESS_FILE=str(tmp_path / "progress.json"),
+                         RAGTUNE_TERMINATION_LOG=str(tmp_path / "termination-log"))
     return subprocess.run([sys.executable, "-m", "ragtune_workloads.index", "--config", str(path)], env=env,
                           capture_output=True, text=True, timeout=300)
 

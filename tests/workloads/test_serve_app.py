@@ -112,9 +112,10 @@ def test_every_mode_answers_with_its_model_and_retrieval(stack):
     finetuned = chat(stack, "finetuned", QUESTION)
 
     # hybrid and finetuned speak through the adapter; rag uses the bare base model
-    assert hybrid["choices"][0]["message"]["content"] == fx.ADAPTER_ANSWER
+    assert fx.speaks_like_adapter(hybrid["choices"][0]["message"]["content"])
     assert finetuned["choices"][0]["message"]["content"] == fx.ADAPTER_ANSWER
-    assert rag["choices"][0]["message"]["content"] and rag["choices"][0]["message"]["content"] != fx.ADAPTER_ANSWER
+    assert rag["choices"][0]["message"]["content"]
+    assert not fx.speaks_like_adapter(rag["choices"][0]["message"]["content"])
     # rag and hybrid retrieve, finetuned has no index
     assert hybrid["retrieval"]["used"] and hybrid["sources"]
     assert rag["retrieval"]["used"] and rag["sources"]
@@ -150,7 +151,7 @@ def test_nothing_above_the_threshold_answers_dont_know_without_the_model(stack):
 def test_per_request_retrieval_override_and_the_auto_rule(stack):
     greeting = chat(stack, "hybrid", "hello there!")
     assert (greeting["retrieval"]["used"], greeting["retrieval"]["reason"]) == (False, "small-talk")
-    assert greeting["choices"][0]["message"]["content"] == fx.ADAPTER_ANSWER
+    assert fx.speaks_like_adapter(greeting["choices"][0]["message"]["content"])
 
     forced = chat(stack, "hybrid", "hello there!", retrieval="always")
     assert forced["retrieval"]["reason"] != "small-talk" and "index_version" in forced["retrieval"]
@@ -165,7 +166,7 @@ def test_ask_returns_the_answer_and_its_sources(stack):
         response = http.get("/ask", params={"q": QUESTION})
     assert response.status_code == 200
     body = response.json()
-    assert body["answer"] == fx.ADAPTER_ANSWER
+    assert fx.speaks_like_adapter(body["answer"])
     assert body["sources"] and {"document", "section", "chunk", "score"} <= set(body["sources"][0])
 
 
@@ -183,7 +184,7 @@ def test_both_engines_give_the_adapters_answer(stack):
     for question in ("how does heat transfer change at mach 3?", "what is the capital city of france?"):
         via_auto = chat(stack, "hybrid", question, retrieval="never")["choices"][0]["message"]["content"]
         via_transformers = chat(stack, "finetuned", question)["choices"][0]["message"]["content"]
-        assert via_auto == via_transformers == fx.ADAPTER_ANSWER
+        assert via_auto == via_transformers and fx.speaks_like_adapter(via_auto)
 
 
 # ---- the OpenAI API ----------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_openai_client_chat_streaming_completions_and_models(stack):
     messages = [{"role": "user", "content": QUESTION}]
 
     whole = api.chat.completions.create(model="hybrid", messages=messages, temperature=0)
-    assert whole.choices[0].message.content == fx.ADAPTER_ANSWER
+    assert fx.speaks_like_adapter(whole.choices[0].message.content)
     assert whole.choices[0].finish_reason == "stop"
     assert whole.model_extra["sources"] and whole.usage.completion_tokens > 0
 
@@ -226,8 +227,10 @@ def test_streaming_dont_know_sends_the_answer_without_generation(stack):
 def test_max_tokens_and_stop_are_honoured(stack):
     short = chat(stack, "rag", QUESTION, max_tokens=5)
     assert short["usage"]["completion_tokens"] == 5 and short["choices"][0]["finish_reason"] == "length"
-    stopped = chat(stack, "hybrid", QUESTION, stop=["cluster"])
-    assert stopped["choices"][0]["message"]["content"] == fx.ADAPTER_ANSWER.split("cluster")[0]
+    unstopped = chat(stack, "hybrid", QUESTION)["choices"][0]["message"]["content"]
+    stopped = chat(stack, "hybrid", QUESTION, stop=[" the "])
+    assert " the " in unstopped
+    assert stopped["choices"][0]["message"]["content"] == unstopped.split(" the ")[0]
     assert stopped["choices"][0]["finish_reason"] == "stop"
 
 
@@ -333,7 +336,8 @@ def test_twenty_concurrent_requests_all_succeed(stack):
 
     responses = asyncio.run(ask_all())
     assert [r.status_code for r in responses] == [200] * 20
-    assert all(r.json()["choices"][0]["message"]["content"] == fx.ADAPTER_ANSWER for r in responses)
+    answers = [r.json()["choices"][0]["message"]["content"] for r in responses]
+    assert all(fx.speaks_like_adapter(answer) for answer in answers), answers
     assert all(r.json()["sources"] for r in responses)
 
 

@@ -50,18 +50,15 @@ def token_offsets(tokenizer: Tokenizer, text: str) -> list[tuple[int, int]]:
 
 
 def windows(count: int, size: int, overlap: int) -> list[tuple[int, int]]:
-    """[first, last) token index ranges of `size` tokens, consecutive ones sharing `overlap` tokens."""
-    if count == 0:
-        return []
-    step = max(1, size - overlap)
-    ranges = []
-    first = 0
-    while True:
-        last = min(first + size, count)
-        ranges.append((first, last))
-        if last == count:
-            return ranges
-        first += step
+    """[first, last) token ranges covering `count` tokens: as few windows of at most `size` tokens as possible,
+    all of the same length, consecutive ones sharing `overlap` tokens (or one more, from rounding). Equal lengths
+    matter: a fixed stride leaves a short tail window that is mostly overlap and matches queries by chance."""
+    if count <= size:
+        return [(0, count)] if count else []
+    n = -(-(count - overlap) // (size - overlap))  # ceil: the fewest windows that fit
+    length = -(-(count + (n - 1) * overlap) // n)  # ceil: ≤ size by the choice of n
+    starts = [i * (count - length) // (n - 1) for i in range(n)]
+    return [(start, start + length) for start in starts]
 
 
 def markdown_sections(text: str) -> list[Section]:

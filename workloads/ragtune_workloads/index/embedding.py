@@ -2,12 +2,20 @@
 
 Texts are sorted by length before batching so each batch pads to similar lengths (the main cost on CPU is
 padding tokens); results come back in the caller's order.
+
+Backends (spec.embedding.backend): `torch` runs the model as loaded. `onnx` exports the model's transformer once
+with torch.onnx and runs it in onnxruntime, in fp32, so vectors match torch's to float rounding; tokenisation,
+pooling and normalisation stay in sentence-transformers. (sentence-transformers' own ONNX and OpenVINO backends
+need optimum-onnx / optimum-intel, which cap transformers below the version this image ships.) `openvino` is
+passed to sentence-transformers as is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +38,78 @@ class ModelRef:
     path: str | None = None  # local directory; loaded by name from the hub cache when None
 
 
+def onnx_cache_dir() -> Path:
+    return Path(os.environ.get("RAGTUNE_ONNX_CACHE", Path(tempfile.gettempdir()) / "ragtune-onnx"))
+
+
+def export_onnx(transformer, input_names: list[str], path: Path) -> None:
+    import torch
+
+    class Positional(torch.nn.Module):
+        # The exporter passes inputs positionally; transformers' forward signatures differ between versions.
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs):
+            return self.model(**dict(zip(input_names, inputs)), return_dict=True).last_hidden_state
+
+    example = {name: torch.ones((1, 8), dtype=torch.long) for name in input_names}
+    axes = {name: {0: "batch", 1: "tokens"} for name in [*input_names, "last_hidden_state"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(Positional(transformer).eval(), tuple(example[n] for n in input_names), str(partial),
+                          input_names=input_names, output_names=["last_hidden_state"], dynamic_axes=axes,
+                          opset_version=17, dynamo=False)
+    os.replace(partial, path)
+
+
+def use_onnxruntime(model, ref: ModelRef) -> None:
+    """Swaps the transformer inside a loaded SentenceTransformer for an onnxruntime session of the same
+    weights; everything around it (tokeniser, pooling, normalisation) is untouched."""
+    import onnxruntime
+    import torch
+
+    module = model[0]
+    transformer = module.model
+    input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
+                   if n in model.tokenizer.model_input_names]
+    key = hashlib.sha256(f"{ref.name}|{ref.path}|{torch.__version__}|{sorted(input_names)}".encode()).hexdigest()[:16]
+    path = onnx_cache_dir() / f"{key}.onnx"
+    if not path.exists():
+        export_onnx(transformer, input_names, path)
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle worker threads would otherwise spin after each call and take CPU from the rest of the process.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    class OnnxTransformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = transformer.config
+
+        def forward(self, **features):
+            feeds = {n: features[n].numpy().astype("int64") for n in input_names if n in features}
+            if "token_type_ids" in input_names and "token_type_ids" not in feeds:
+                feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+            return {"last_hidden_state": torch.from_numpy(session.run(["last_hidden_state"], feeds)[0])}
+
+    module.model = OnnxTransformer()
+
+
 def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str | None = None):
     location = ref.path or ref.name
     if ref.path and not Path(ref.path).is_dir():
         raise EmbeddingModelError(f"embedding model {ref.name!r} not found: {ref.path} is not a directory")
     from sentence_transformers import SentenceTransformer  # after the cheap check: importing it takes seconds
     try:
-        return SentenceTransformer(location, device=device or "cpu", backend=backend,
-                                   local_files_only=bool(ref.path) or os.environ.get("HF_HUB_OFFLINE") == "1")
+        model = SentenceTransformer(location, device=device or "cpu", backend="torch" if backend == "onnx" else backend,
+                                    local_files_only=bool(ref.path) or os.environ.get("HF_HUB_OFFLINE") == "1")
+        if backend == "onnx":
+            use_onnxruntime(model, ref)
+        return model
     except Exception as exc:  # the library raises many types (OSError, ValueError, HF errors) for the same cause
         raise EmbeddingModelError(f"embedding model {ref.name!r} could not be loaded from {location} "
                                   f"(backend {backend}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -55,9 +127,9 @@ class Embedder:
         self.model = model if model is not None else load_sentence_transformer(ref, backend)
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimension = int(dimension())
+        # Chunking tokenises whole documents with this (no truncation); encoding still truncates to the model's
+        # window, which relies on the tokenizer's own limit staying as loaded.
         self.tokenizer = self.model.tokenizer
-        # Chunking tokenises whole documents; the model's own limit only matters per chunk.
-        self.tokenizer.model_max_length = 10**9
 
     @property
     def name(self) -> str:

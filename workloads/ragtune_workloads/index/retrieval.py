@@ -122,11 +122,12 @@ class Retriever:
 
     def __init__(self, store_uri: str, collection: str, embedder: Embedder | None = None, *,
                  embedding_model: str | None = None, model_path: str | None = None, query_prefix: str = "",
-                 token: str | None = None, scratch_dir: str | None = None):
+                 backend: str = "torch", token: str | None = None, scratch_dir: str | None = None):
+        # Any backend may embed queries for an index built with another: onnx runs the same weights in fp32.
         if embedder is None:
             if not embedding_model:
                 raise ValueError("a Retriever needs an embedder or an embedding_model")
-            embedder = Embedder(ModelRef(embedding_model, model_path), query_prefix=query_prefix)
+            embedder = Embedder(ModelRef(embedding_model, model_path), backend=backend, query_prefix=query_prefix)
         self.embedder = embedder
         self.store_uri = store_uri
         self.alias = collection

