@@ -53,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import build_from_config
 
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    # After ray.init: Ray installs a crash handler for SIGTERM that aborts the process; a rollout's SIGTERM must
+    # instead drain Serve and stop Ray so the pod exits 0.
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_from_config(config), name=config.owner.name, route_prefix="/")

@@ -80,11 +80,12 @@ class Answerer:
         plan = Plan(generation_params(request, max_tokens), s.uses_adapter)
         route = routing.decide(choice, question, s.has_index)
         plan.retrieval = {"mode": choice, "used": False, "reason": route.reason}
+        # Measured before any retrieval: a request that cannot fit is refused whatever the index holds.
+        system = prompts.system_prompt(s.mode, s.system, grounded=False)
+        direct = self._prompt(lambda: prompts.direct_prompt(self.tokenizer, system, messages, max_tokens,
+                                                            self.context_length))
         if not route.retrieve:
-            system = prompts.system_prompt(s.mode, s.system, grounded=False)
-            prompt = self._prompt(lambda: prompts.direct_prompt(self.tokenizer, system, messages, max_tokens,
-                                                                self.context_length))
-            plan.prompt_ids = prompt.token_ids
+            plan.prompt_ids = direct.token_ids
             return plan
 
         started = time.perf_counter()

@@ -118,6 +118,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(api.ApiError(exc.status_code, message, code=code).body(), status_code=exc.status_code)
 
 
+@http.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    error = api.ApiError(500, f"The server failed to answer: {type(exc).__name__}: {exc}", type="server_error")
+    return JSONResponse(error.body(), status_code=500)
+
+
 def _streaming(body: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

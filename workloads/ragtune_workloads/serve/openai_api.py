@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 
@@ -119,11 +119,12 @@ class GenerationRequest(WireModel):
     metadata: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
-    @model_validator(mode="after")
-    def _stop_list(self):
-        if isinstance(self.stop, list) and len(self.stop) > 4:
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, stop):
+        if isinstance(stop, list) and len(stop) > 4:
             raise ValueError("stop accepts at most 4 sequences")
-        return self
+        return stop
 
     def stop_sequences(self) -> list[str]:
         if self.stop is None:
@@ -138,11 +139,12 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
-    @model_validator(mode="after")
-    def _has_user_message(self):
-        if not any(m.role == "user" for m in self.messages):
+    @field_validator("messages")
+    @classmethod
+    def _has_user_message(cls, messages):
+        if not any(m.role == "user" for m in messages):
             raise ValueError("messages must contain at least one user message")
-        return self
+        return messages
 
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -158,13 +160,19 @@ class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
     echo: bool = False
 
-    @model_validator(mode="after")
-    def _one_prompt(self):
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and len(prompt) != 1:
             raise ValueError("exactly one prompt per request is supported")
-        if self.echo:
+        return prompt
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo):
+        if echo:
             raise ValueError("echo is not supported")
-        return self
+        return echo
 
     def completion_limit(self) -> int | None:
         return self.max_tokens

@@ -36,7 +36,16 @@ class CachingEmbedder:
         self.dimension = embedder.dimension
         self.local = threading.local()  # the version the current thread's search runs against
 
+    def fit(self, query: str) -> str:
+        """The query cut to what the embedding model reads: the shared Embedder lifts the tokenizer's length
+        limit for chunking, and an untruncated long query would overflow the model's position embeddings."""
+        limit = self.inner.max_chunk_tokens
+        offsets = self.inner.tokenizer(query, add_special_tokens=False, return_offsets_mapping=True,
+                                       verbose=False)["offset_mapping"]
+        return query if len(offsets) <= limit else query[:offsets[limit - 1][1]]
+
     def embed_queries(self, queries: list[str]) -> np.ndarray:
+        queries = [self.fit(query) for query in queries]
         version = getattr(self.local, "version", None)
         vectors: list[Any] = [self.cache.get(query, version) for query in queries]
         missing = [i for i, vector in enumerate(vectors) if vector is MISSING]
