@@ -22,11 +22,19 @@ def test_killed_and_restarted_mid_reconcile_leaves_no_duplicates_and_every_objec
     ragtune_operator.kill()
     ragtune_operator.start()
 
+    phases: dict[str, int] = {}
+
     def settled():
         objs = kube.list(API, "FineTuneJob", namespace)
-        done = [o for o in objs if (o.get("status") or {}).get("phase") == "Succeeded"]
-        return len(done) == COUNT and objs
-    objs = kube.wait_for(settled, f"all {COUNT} FineTuneJobs to reach Succeeded", timeout=180)
+        phases.clear()
+        for o in objs:
+            phase = (o.get("status") or {}).get("phase") or "none"
+            phases[phase] = phases.get(phase, 0) + 1
+        return phases.get("Succeeded") == COUNT and objs
+    try:
+        objs = kube.wait_for(settled, f"all {COUNT} FineTuneJobs to reach Succeeded", timeout=300)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; phases {phases}; operator log:\n{ragtune_operator.log_tail()}") from None
     jobs = kube.list("batch/v1", "Job", namespace)
     config_maps = [c for c in kube.list("v1", "ConfigMap", namespace) if c["metadata"]["name"].endswith("-config")]
     assert sorted(j["metadata"]["name"] for j in jobs) == sorted(m["metadata"]["name"] for m in manifests)

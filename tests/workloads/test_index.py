@@ -265,7 +265,7 @@ def run_cli(tmp_path: Path, config) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def inline_config(store_dir: Path, model_path: str | None, **spec):
+def inline_config(store_dir: Path | str, model_path: str | None, **spec):
     from ragtune.api.workload import IndexConfig
 
     return IndexConfig.model_validate({
@@ -295,6 +295,7 @@ def test_cli_success_reports_progress_and_result(tmp_path, model_path):
     ("model", "embedding model 'sentence-transformers/all-MiniLM-L6-v2' not found"),
     ("documents", "no documents could be loaded (1 skipped: inline/empty.txt: empty file)"),
     ("store", "is not writable"),
+    ("server", "Milvus at http://127.0.0.1:1 is unreachable"),
 ])
 def test_cli_failures_exit_non_zero_with_one_line_reason(tmp_path, model_path, case, expected):
     store = tmp_path / "store"
@@ -304,6 +305,7 @@ def test_cli_failures_exit_non_zero_with_one_line_reason(tmp_path, model_path, c
         "documents": lambda: inline_config(store, model_path, sources=[{"inline": [{"name": "empty.txt",
                                                                                      "text": ""}]}]),
         "store": lambda: inline_config(Path("/proc/ragtune-store"), model_path),
+        "server": lambda: inline_config("http://127.0.0.1:1", model_path),
     }[case]()
     done = run_cli(tmp_path, config)
     assert done.returncode == 1
@@ -311,3 +313,52 @@ def test_cli_failures_exit_non_zero_with_one_line_reason(tmp_path, model_path, c
     assert not (tmp_path / "termination-log").exists()
     if case != "store":
         assert not (store / "faq" / "current.json").exists()
+
+
+def test_server_layout_moves_the_alias_between_collection_versions(tmp_path):
+    """The Milvus-server strategy (collections <alias>_v<N> behind an alias), driven through pymilvus against a
+    milvus-lite file: the same API calls a server gets, minus the network."""
+    import numpy as np
+    from pymilvus import MilvusClient
+
+    from ragtune_workloads.index.store import Rows, ServerStore, VersionInfo
+
+    client = MilvusClient(str(tmp_path / "server.db"))
+    store = ServerStore(client, "docs")
+    rng = np.random.default_rng(0)
+
+    def publish(version: int, texts: list[str]) -> VersionInfo:
+        vectors = rng.normal(size=(len(texts), 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        info = VersionInfo(alias="docs", version=version, embedding_model="m", dimension=8, metric="COSINE",
+                           index_type="HNSW", chunks=len(texts), documents=len(texts), vectors_fingerprint="f",
+                           layout_fingerprint="l")
+        store.write(info, Rows([f"{version}-{i}" for i in range(len(texts))], vectors, texts,
+                               [{"path": t} for t in texts]))
+        store.publish(info)
+        return info
+
+    try:
+        assert store.active() is None
+        publish(store.next_version(), ["a", "b", "c"])
+        publish(store.next_version(), ["d", "e"])
+        assert store.active().version == 2
+        rows = client.query("docs", filter="", output_fields=["text"], limit=10)
+        assert sorted(row["text"] for row in rows) == ["d", "e"]  # the alias reads the new version only
+        publish(store.next_version(), ["f"])
+        assert store.prune(retain=2) == ["v1"]
+        assert store.versions() == [2, 3] and store.active().version == 3
+    finally:
+        client.close()
+
+
+def test_a_second_index_run_on_the_same_store_is_refused_while_one_runs(tmp_path):
+    from ragtune_workloads.index.store import LiteStore, StoreError
+
+    first, second = LiteStore(tmp_path, "docs"), LiteStore(tmp_path, "docs")
+    with first.exclusive():
+        with pytest.raises(StoreError, match="another index run is writing"):
+            with second.exclusive():
+                pass
+    with second.exclusive():  # released when the first run ends
+        pass

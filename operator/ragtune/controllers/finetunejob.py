@@ -45,7 +45,9 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reaso
             cache.PODS.replace(key, {p["metadata"]["name"]: cache.compact_pod(p) for p in pods})
         elif not cache.JOBS.get(key):
             cache.JOBS.put(key, name, cache.compact_job(children[-1]))
-        refresh(key)
+    # The first status follows shortly, folded together with the new Job's own events: creating children for
+    # the next object does not wait behind it.
+    shared.request_refresh(key, lambda: refresh(key))
 
 
 def refresh(key: tuple[str, str, str]) -> None:

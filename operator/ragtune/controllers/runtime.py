@@ -23,7 +23,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     # ragtune posts its own events on condition transitions; kopf's per-handler chatter stays in the log.
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = int(os.environ.get("RAGTUNE_WORKERS", "16"))
+    # Handlers are I/O-bound but share one interpreter lock with the watch streams: a few threads go further
+    # than many.
+    settings.execution.max_workers = int(os.environ.get("RAGTUNE_WORKERS", "6"))
     settings.batching.worker_limit = None
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

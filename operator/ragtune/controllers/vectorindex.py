@@ -55,7 +55,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reaso
             job = next(c for c in children if c["kind"] == "Job")
             cache.JOBS.put(key, current, cache.compact_job(job))
         prune_jobs(key, current)
-        refresh(key)
+    shared.request_refresh(key, lambda: refresh(key))
 
 
 def prune_jobs(key: tuple[str, str, str], current: str) -> None:
