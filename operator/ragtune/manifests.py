@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 from .api.crdgen import render_all
+from .rbac import chart_rules_file
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIRS = [ROOT / "crds", ROOT / "charts" / "ragtune" / "crds"]
+CHART_RULES = ROOT / "charts" / "ragtune" / "files" / "operator-rules.yaml"
 
 
 def generated() -> dict[Path, str]:
@@ -22,6 +24,7 @@ def generated() -> dict[Path, str]:
     for name, text in render_all().items():
         for directory in CRD_DIRS:
             files[directory / name] = text
+    files[CHART_RULES] = chart_rules_file()
     return files
 
 
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 if leftover not in files:
                     leftover.unlink()
         for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
         print(f"wrote {len(files)} files")
         return 0

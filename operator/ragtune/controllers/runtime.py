@@ -34,7 +34,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # each replica runs standalone.
     settings.peering.name = os.environ.get("RAGTUNE_PEERING", "ragtune")
     settings.peering.mandatory = False
-    settings.peering.clusterwide = not os.environ.get("RAGTUNE_NAMESPACE")
     start_metrics()
 
 
