@@ -22,7 +22,8 @@ def helm() -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
-def render(helm: Path, *args: str, check: bool = True, namespace: str = "ragtune-system") -> subprocess.CompletedProcess:
+def render(helm: Path, *args: str, check: bool = True,
+           namespace: str = "ragtune-system") -> subprocess.CompletedProcess:
     result = subprocess.run([str(helm), "template", "rt", str(CHART), "--namespace", namespace,
                              "--kube-version", "v1.34.4", *args],
                             capture_output=True, text=True)
