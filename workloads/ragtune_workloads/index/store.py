@@ -15,6 +15,7 @@ reader sees the old version or the new one, never a half-written or empty one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -22,7 +23,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -194,6 +196,16 @@ class LiteStore:
         except OSError as exc:
             raise StoreError(f"milvus-lite store {root} is not writable: {exc.strerror or exc}") from None
 
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held for a whole index run: two runs would pick the same next version and delete each other's."""
+        with open(self.dir / ".index.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"another index run is writing {self.dir}; try again when it has finished") from None
+            yield
+
     @property
     def pointer(self) -> Path:
         return self.dir / POINTER_FILE
@@ -260,6 +272,11 @@ class ServerStore:
         self.client = client
         self.alias = alias
 
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        # One index Job per VectorIndex is the operator's job here; a server has no shared file to lock.
+        yield
+
     def active(self) -> VersionInfo | None:
         try:
             collection = self.client.describe_alias(self.alias)["collection_name"]
@@ -314,8 +331,3 @@ def open_store(uri: str, alias: str, token: str | None = None) -> LiteStore | Se
     except Exception as exc:
         raise StoreError(f"Milvus at {uri} is unreachable: {type(exc).__name__}: {exc}") from None
     return ServerStore(client, alias)
-
-
-def iter_batches(items: Sequence, size: int) -> Iterator[Sequence]:
-    for first in range(0, len(items), size):
-        yield items[first:first + size]
