@@ -93,6 +93,9 @@ class Api:
         self._crd_cache[name] = (time.monotonic(), present)
         return present
 
+    def forget_crd(self, name: str) -> None:
+        self._crd_cache.pop(name, None)
+
     # ------------------------------------------------------------ writing
 
     def ensure(self, obj: dict[str, Any]) -> str:

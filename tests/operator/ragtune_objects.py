@@ -84,3 +84,18 @@ def wait_ready(kube, kind: str, name: str, namespace: str, value: str = "True", 
             return obj
         return None
     return kube.wait_for(check, f"{kind}/{name} Ready={value}" + (f" ({reason})" if reason else ""), timeout)
+
+
+def finish_finetune(kube, namespace, name, digest):
+    kube.wait_condition("batch/v1", "Job", name, namespace, "Complete")
+    report_result(kube, namespace, name, adapter_result(name, digest))
+    wait_ready(kube, "FineTuneJob", name, namespace)
+
+
+def finish_index(kube, namespace, name, version):
+    job = kube.wait_for(lambda: (kube.list("batch/v1", "Job", namespace,
+                                           label_selector=f"ragtune.io/vectorindex={name}") or [None])[0],
+                        "the indexing Job")["metadata"]["name"]
+    kube.wait_condition("batch/v1", "Job", job, namespace, "Complete")
+    report_result(kube, namespace, job, index_result(version))
+    wait_ready(kube, "VectorIndex", name, namespace)

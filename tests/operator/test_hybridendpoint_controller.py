@@ -5,25 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from ragtune_objects import (API, adapter_result, bound_pvc, endpoint, finetunejob, index_result, report_result,
-                             status, vectorindex, volume_for_claim, wait_ready)
+from ragtune_objects import (API, bound_pvc, endpoint, finetunejob, finish_finetune, finish_index, status,
+                             vectorindex, volume_for_claim, wait_ready)
 
 pytestmark = pytest.mark.usefixtures("ragtune_operator")
-
-
-def finish_finetune(kube, namespace, name, digest):
-    kube.wait_condition("batch/v1", "Job", name, namespace, "Complete")
-    report_result(kube, namespace, name, adapter_result(name, digest))
-    wait_ready(kube, "FineTuneJob", name, namespace)
-
-
-def finish_index(kube, namespace, name, version):
-    job = kube.wait_for(lambda: (kube.list("batch/v1", "Job", namespace,
-                                           label_selector=f"ragtune.io/vectorindex={name}") or [None])[0],
-                        "the indexing Job")["metadata"]["name"]
-    kube.wait_condition("batch/v1", "Job", job, namespace, "Complete")
-    report_result(kube, namespace, job, index_result(version))
-    wait_ready(kube, "VectorIndex", name, namespace)
 
 
 def served_config(kube, namespace, name):

@@ -256,6 +256,13 @@ async def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | 
         cache.OWNERS.put(key, shared.compact_owner(dict(body)))
 
 
+@kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+async def crd_changed(name: str, type: str | None, **_: Any) -> None:
+    """Installing or removing KubeRay changes what runtime auto means for the next reconcile."""
+    if name == RAYSERVICE_CRD and type is not None:
+        shared.api().forget_crd(name)
+
+
 def _referencing(index: kopf.Index, namespace: str, kind: str, name: str) -> set[str]:
     return set(index.get((namespace, kind, name), []))
 
