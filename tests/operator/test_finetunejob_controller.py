@@ -91,3 +91,12 @@ def test_reapplying_identical_yaml_changes_nothing(kube, namespace, adapters):
     assert "unchanged" in kube.apply(manifest, namespace).stdout
     time.sleep(3)
     assert versions() == before
+
+
+def test_a_job_deleted_before_it_finished_is_created_again(kube, namespace, adapters):
+    kube.apply(finetunejob("resilient", resources={"gpu": 3}), namespace)  # unschedulable: it never finishes
+    first = kube.wait_for(lambda: kube.get("batch/v1", "Job", "resilient", namespace), "the Job")
+    kube.kubectl("delete", "job", "resilient", "-n", namespace, "--wait=true")
+    again = kube.wait_for(lambda: (lambda j: j if j and j["metadata"]["uid"] != first["metadata"]["uid"] else None)(
+        kube.get("batch/v1", "Job", "resilient", namespace)), "the Job to be created again")
+    assert again["metadata"]["ownerReferences"][0]["name"] == "resilient"

@@ -78,8 +78,27 @@ async def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | 
 @kopf.on.event("batch", "v1", "jobs", labels={"ragtune.io/finetunejob": kopf.PRESENT})
 async def job_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
     key = shared.record_child(KIND, cache.JOBS, cache.compact_job, namespace, dict(body), labels, type)
-    if key and type is not None:  # None: the initial listing; the resume handler refreshes from the API
+    if key and type == "DELETED":
+        shared.request_refresh(key, lambda: recreate_if_unfinished(key))
+    elif key and type is not None:  # None: the initial listing; the resume handler refreshes from the API
         shared.request_refresh(key, lambda: refresh(key))
+
+
+def recreate_if_unfinished(key: tuple[str, str, str]) -> None:
+    """A Job deleted by hand before it finished is created again (the run resumes from its last checkpoint), so
+    the FineTuneJob never waits on a Job that no longer exists."""
+    owner = cache.OWNERS.get(key)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return
+    known = cache.STATUS.get((KIND, key[1], owner["metadata"].get("uid") or key[2]))
+    phase = (known[1] if known else (owner.get("status") or {})).get("phase")
+    if phase in ("Succeeded", "Failed"):
+        return
+    children = builder.build(owner, parse_spec(owner["spec"]))
+    shared.apply_children(owner, children)
+    cache.JOBS.put(key, key[2], cache.compact_job(children[-1]))
+    cache.PODS.forget(key)
+    refresh(key)
 
 
 @kopf.on.event("", "v1", "pods", labels={"ragtune.io/finetunejob": kopf.PRESENT})
