@@ -203,8 +203,37 @@ def ray_serve(temp_dir: Path, port: int, num_cpus: int = 8):
             ray.shutdown()
 
 
+def descendants() -> dict[int, float]:
+    """pid → start time of every process this one started, directly or not (Ray's gcs_server and raylet, its
+    workers, and what those spawned, such as vLLM's engine core)."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            found[child.pid] = child.create_time()
+        except psutil.Error:
+            pass
+    return found
+
+
+def still_running(processes: dict[int, float]) -> list[str]:
+    """Those of `processes` that are still alive (same pid and start time), as 'pid: command line'."""
+    import psutil
+
+    alive = []
+    for pid, created in processes.items():
+        try:
+            process = psutil.Process(pid)
+            if process.create_time() == created and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{pid}: {' '.join(process.cmdline())[:120]}")
+        except psutil.Error:
+            pass
+    return alive
+
+
 def ray_processes_of(temp_dir: Path) -> list[str]:
-    """Ray's own processes (raylet, gcs_server, workers) whose command line names this test's temp dir."""
+    """Processes whose command line names `temp_dir` (Ray's raylet and gcs_server name their session dir)."""
     import psutil
 
     found = []

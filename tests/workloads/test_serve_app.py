@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,9 +72,12 @@ def stack(tmp_path_factory):
         base = f"http://127.0.0.1:{port}"
         yield {"urls": {name: f"{base}/{name}" for name in configs}, "store": store, "corpus": corpus,
                "embedder": embedder, "key_file": key_file}
-    leftovers = fx.ray_processes_of(ray_dir)
+        started_by_ray = fx.descendants()
+    assert started_by_ray, "Ray runs its cluster in processes of its own"
+    time.sleep(2)  # processes told to exit get a moment to do so
+    leftovers = fx.still_running(started_by_ray) + fx.ray_processes_of(ray_dir)
     shutil.rmtree(ray_dir, ignore_errors=True)
-    assert not leftovers, f"Ray processes left after shutdown: {leftovers}"
+    assert not leftovers, f"processes left after serve.shutdown() and ray.shutdown(): {leftovers}"
 
 
 def client(stack, name: str) -> httpx.Client:

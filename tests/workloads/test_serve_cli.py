@@ -41,6 +41,7 @@ def test_a_config_that_cannot_be_served_exits_2_with_the_reason(tmp_path):
 
 def test_single_pod_runtime_serves_and_stops_cleanly_on_sigterm(tmp_path):
     httpx = pytest.importorskip("httpx")
+    psutil = pytest.importorskip("psutil")
     config = fx.serve_config(tmp_path / "config.json", name="pod", mode="finetuned", model=fx.tiny_model_path(),
                              adapter=fx.adapter_path(), store=None, engine="transformers")
     port = fx.free_port()
@@ -66,6 +67,8 @@ def test_single_pod_runtime_serves_and_stops_cleanly_on_sigterm(tmp_path):
             "temperature": 0}).json()
         assert answer["choices"][0]["message"]["content"] == fx.ADAPTER_ANSWER
     finally:
+        pod_processes = {child.pid: child.create_time()
+                         for child in psutil.Process(process.pid).children(recursive=True)}
         process.send_signal(signal.SIGTERM)
         try:
             output = process.communicate(timeout=120)[0]
@@ -74,7 +77,9 @@ def test_single_pod_runtime_serves_and_stops_cleanly_on_sigterm(tmp_path):
             output = process.communicate()[0]
     try:
         assert process.returncode == 0, output[-3000:]
-        time.sleep(1)
-        assert fx.ray_processes_of(ray_dir) == [], "Ray processes outlived the pod's main process"
+        time.sleep(2)
+        assert pod_processes, "Ray Serve runs in processes of its own"
+        leftovers = fx.still_running(pod_processes) + fx.ray_processes_of(ray_dir)
+        assert leftovers == [], "processes outlived the pod's main process"
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)

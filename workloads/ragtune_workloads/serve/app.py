@@ -33,10 +33,10 @@ from .retriever import RetrievalService
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_SECONDS = 5.0
-# Requests a retriever replica embeds and searches together; waiting a couple of ms for company costs less
-# than embedding one by one under load.
+# Requests a retriever replica embeds and searches together. No waiting for company: while one batch runs, the
+# next requests queue up and form the next batch by themselves, so batching costs nothing at low load.
 RETRIEVAL_BATCH_SIZE = 16
-RETRIEVAL_BATCH_WAIT_S = 0.002
+RETRIEVAL_BATCH_WAIT_S = 0.0
 
 
 # --------------------------------------------------------------------------------------------------- Retriever
@@ -98,6 +98,12 @@ class GeneratorDeployment:
 
     def engine_name(self) -> str:
         return self.engine.name
+
+    def __del__(self):
+        # vLLM runs its engine core in a child process: stop it with the replica rather than leave it orphaned.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
 
 # ----------------------------------------------------------------------------------------------------- Ingress
@@ -205,16 +211,17 @@ class Ingress:
         try:
             if chat:  # the first chunk names the role and carries the sources, as soon as they are known
                 yield api.sse(api.chat_chunk(request_id, model, {"role": "assistant", "content": ""}, **extra))
-            completion_tokens, first = 0, True
+            completion_tokens, sources_sent = 0, chat
             async for item in self._deltas(plan):
                 completion_tokens = item["completion_tokens"]
-                more = extra if (first and not chat) else {}
-                first = False
-                if item["text"] or item["finish_reason"]:
-                    chunk = (api.chat_chunk(request_id, model, {"content": item["text"]} if item["text"] else {},
-                                            item["finish_reason"], **more) if chat else
-                             api.completion_chunk(request_id, model, item["text"], item["finish_reason"], **more))
-                    yield api.sse(chunk)
+                if not (item["text"] or item["finish_reason"]):
+                    continue
+                more = {} if sources_sent else extra  # completions carry them on their first chunk
+                sources_sent = True
+                chunk = (api.chat_chunk(request_id, model, {"content": item["text"]} if item["text"] else {},
+                                        item["finish_reason"], **more) if chat else
+                         api.completion_chunk(request_id, model, item["text"], item["finish_reason"], **more))
+                yield api.sse(chunk)
             if include_usage:
                 usage = api.usage(len(plan.prompt_ids), completion_tokens)
                 yield api.sse({"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",

@@ -15,6 +15,7 @@ from typing import Any
 from ragtune.api.hybridendpoint import DEFAULT_HYBRID_SYSTEM_PROMPT, DEFAULT_RAG_SYSTEM_PROMPT
 
 PLACEHOLDER = re.compile(r"\{(context|question)\}")
+CHUNK_SEPARATOR = "\n\n"
 DEFAULT_SYSTEM_PROMPTS = {"rag": DEFAULT_RAG_SYSTEM_PROMPT, "hybrid": DEFAULT_HYBRID_SYSTEM_PROMPT}
 
 
@@ -49,7 +50,7 @@ def format_chunk(number: int, hit: dict[str, Any]) -> str:
 
 
 def format_context(hits: Sequence[dict[str, Any]]) -> str:
-    return "\n\n".join(format_chunk(number, hit) for number, hit in enumerate(hits, 1))
+    return CHUNK_SEPARATOR.join(format_chunk(number, hit) for number, hit in enumerate(hits, 1))
 
 
 def merge_system(endpoint_system: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -92,9 +93,17 @@ def direct_prompt(tokenizer: Any, system: str | None, messages: list[dict[str, s
     return Prompt(ids, final)
 
 
+def token_count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def grounded_prompt(tokenizer: Any, system: str | None, template: str, messages: list[dict[str, str]],
                     question: str, hits: Sequence[dict[str, Any]], max_tokens: int, context_length: int) -> Prompt:
-    """The prompt with as many of `hits` (best first) as fit; at least one must fit."""
+    """The prompt with as many of `hits` (best first) as fit; at least one must fit.
+
+    Each chunk's cost is counted once, on its own; rendering the whole prompt for every candidate would cost a
+    chat-template render per chunk. The final render is exact: if merges across chunk boundaries make it a token
+    or two longer than counted, the lowest-ranked chunk goes."""
     budget = context_length - max_tokens
 
     def build(chosen: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -104,18 +113,18 @@ def grounded_prompt(tokenizer: Any, system: str | None, template: str, messages:
     empty_ids = encode_messages(tokenizer, build([]))
     if len(empty_ids) > budget:
         raise PromptTooLongError(len(empty_ids), max_tokens, context_length)
+    room = budget - len(empty_ids)
     chosen: list[dict[str, Any]] = []
-    best: tuple[list[int], list[dict[str, str]]] | None = None
     for hit in hits:
-        # The chunk's own token count is a lower bound of what it adds: skip the full render when it cannot fit.
-        if len(empty_ids) + len(tokenizer(hit["text"], add_special_tokens=False)["input_ids"]) > budget:
-            continue
-        trial = build(chosen + [hit])
-        ids = encode_messages(tokenizer, trial)
-        if len(ids) <= budget:
+        cost = token_count(tokenizer, CHUNK_SEPARATOR + format_chunk(len(chosen) + 1, hit))
+        if cost <= room:
             chosen.append(hit)
-            best = (ids, trial)
-    if best is None:
-        raise PromptTooLongError(len(empty_ids), max_tokens, context_length,
-                                 "No retrieved passage fits next to the messages: shorten them or lower max_tokens.")
-    return Prompt(best[0], best[1], chosen)
+            room -= cost
+    while chosen:
+        final = build(chosen)
+        ids = encode_messages(tokenizer, final)
+        if len(ids) <= budget:
+            return Prompt(ids, final, chosen)
+        chosen.pop()
+    raise PromptTooLongError(len(empty_ids), max_tokens, context_length,
+                             "No retrieved passage fits next to the messages: shorten them or lower max_tokens.")

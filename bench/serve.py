@@ -1,0 +1,316 @@
+"""Serving benchmark: ragtune's endpoint vs the seed's server shape, on Cranfield, with the same model and embedder.
+
+- ragtune: `python -m ragtune_workloads.serve` (Ray Serve: ingress → retriever (milvus-lite) → generator), mode rag,
+  engine auto (vLLM where installed, `--engine` to choose), POST /v1/chat/completions;
+- baseline (the seed's shape): one FastAPI app (uvicorn) with a LlamaIndex retriever over Chroma
+  (`VectorStoreIndex` + `HuggingFaceEmbedding`, a `SentenceSplitter` of the same size in the same model's tokens) and
+  the same tiny Llama generating with transformers in the request thread, POST /query.
+Both: all-MiniLM-L6-v2, top-4 chunks, the base model's chat template, greedy decoding, max_tokens 32; every
+request retrieves (no threshold), so both do the same work and generate the same number of tokens at most.
+
+Each server reports the time spent generating for each request; latency minus that is the time spent outside
+generation (HTTP, routing, embedding, search, prompt building). Concurrency 1, 4 and 16 clients, each level with
+queries no earlier level asked (ragtune's caches cannot help: "cold"); then the concurrency-1 queries once more
+("warm", where ragtune answers retrieval from its per-version cache and the baseline has nothing to reuse).
+Servers run one after the other, never together. Prints one JSON object; `--quick` (under a minute): fewer
+documents and requests, the transformers engine (vLLM takes ~40 s to start on 2 cores).
+
+Target: ragtune's non-generation time per request <= 0.5x the baseline's (cold, concurrency 1, p50).
+"""
+
+from __future__ import annotations
+
+import sys
+
+# bench/operator.py would shadow the standard library's `operator` for a script run from this directory.
+sys.path[:] = [entry for entry in sys.path if entry not in ("", __file__.rsplit("/", 1)[0])]
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "operator"), str(REPO / "workloads"), str(REPO / "tests" / "workloads")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")  # chromadb
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+CHUNK_SIZE, CHUNK_OVERLAP, TOP_K = 128, 16, 4
+MAX_TOKENS, MAX_MODEL_LEN = 32, 1024
+LEVELS = (1, 4, 16)
+STARTUP_SECONDS = 300
+TARGET_RATIO = 0.5
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ the baseline server
+
+
+def baseline_server(corpus: Path, model: Path, embedding_path: str, work: Path, port: int) -> None:
+    """The seed's shape: FastAPI + LlamaIndex retriever over Chroma + transformers generate, one process."""
+    import chromadb
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from llama_index.core import Document, StorageContext, VectorStoreIndex
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+    from llama_index.vector_stores.chroma import ChromaVectorStore
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragtune.api.hybridendpoint import DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE
+
+    embed_model = HuggingFaceEmbedding(model_name=embedding_path, device="cpu")
+    splitter_tokenizer = embed_model._model.tokenizer
+    splitter = SentenceSplitter(chunk_size=CHUNK_SIZE, chunk_overlap=CHUNK_OVERLAP,
+                                tokenizer=lambda text: splitter_tokenizer.tokenize(text))
+    documents = [Document(text=path.read_text(), metadata={"path": path.name}) for path in sorted(corpus.iterdir())]
+    client = chromadb.PersistentClient(path=str(work / "chroma"))
+    store = ChromaVectorStore(chroma_collection=client.get_or_create_collection("bench"))
+    index = VectorStoreIndex.from_documents(documents, storage_context=StorageContext.from_defaults(vector_store=store),
+                                           embed_model=embed_model, transformations=[splitter])
+    retriever = index.as_retriever(similarity_top_k=TOP_K)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    llm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"ok": True}
+
+    @app.post("/query")
+    def query(body: dict):
+        nodes = retriever.retrieve(body["question"])
+        context = "\n\n".join(node.get_content() for node in nodes)
+        messages = [{"role": "system", "content": DEFAULT_RAG_SYSTEM_PROMPT},
+                    {"role": "user", "content": DEFAULT_TEMPLATE.format(context=context, question=body["question"])}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][-(MAX_MODEL_LEN - MAX_TOKENS):]
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = llm.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+        generation = time.perf_counter() - started
+        answer = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+        return {"answer": answer, "completion_tokens": int(output.shape[1] - len(ids)),
+                "sources": [{"document": node.node.metadata["path"], "score": node.score} for node in nodes],
+                "generation_ms": generation * 1000}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---------------------------------------------------------------------------------------------------- clients
+
+
+class Server:
+    """A server process started for the benchmark and stopped (with everything it started) afterwards."""
+
+    def __init__(self, name: str, command: list[str], port: int, ready_path: str, env: dict[str, str], log: Path):
+        self.name, self.port, self.ready_path = name, port, ready_path
+        self.log = log
+        self.process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait_ready(self) -> float:
+        import httpx
+
+        started = time.monotonic()
+        while time.monotonic() - started < STARTUP_SECONDS:
+            if self.process.poll() is not None:
+                raise SystemExit(f"bench: {self.name} exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}{self.ready_path}", timeout=5).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"bench: {self.name} not ready after {STARTUP_SECONDS}s (log {self.log})")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(120)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def ragtune_request(question: str) -> tuple[str, dict]:
+    return "/v1/chat/completions", {"model": "bench", "messages": [{"role": "user", "content": question}],
+                                    "temperature": 0, "max_tokens": MAX_TOKENS, "retrieval": "always"}
+
+
+def baseline_request(question: str) -> tuple[str, dict]:
+    return "/query", {"question": question}
+
+
+def generation_ms(body: dict) -> float:
+    return body["timings"]["generation_ms"] if "timings" in body else body["generation_ms"]
+
+
+def completion_tokens(body: dict) -> int:
+    return body["usage"]["completion_tokens"] if "usage" in body else body["completion_tokens"]
+
+
+async def run_level(port: int, build, questions: list[str], clients: int) -> dict:
+    import httpx
+
+    queue = list(questions)
+    samples: list[tuple[float, float, int]] = []
+
+    async def worker(http):
+        while queue:
+            path, body = build(queue.pop(0))
+            started = time.perf_counter()
+            response = await http.post(path, json=body)
+            elapsed = (time.perf_counter() - started) * 1000
+            response.raise_for_status()
+            answer = response.json()
+            samples.append((elapsed, generation_ms(answer), completion_tokens(answer)))
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300,
+                                 limits=httpx.Limits(max_connections=clients)) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*[worker(http) for _ in range(clients)])
+        wall = time.perf_counter() - started
+    latencies = [s[0] for s in samples]
+    outside = [s[0] - s[1] for s in samples]
+    return {"clients": clients, "requests": len(samples),
+            "latencyP50Ms": round(percentile(latencies, 0.5), 2), "latencyP99Ms": round(percentile(latencies, 0.99), 2),
+            "throughputRps": round(len(samples) / wall, 2),
+            "outsideGenerationP50Ms": round(percentile(outside, 0.5), 2),
+            "outsideGenerationMeanMs": round(statistics.mean(outside), 2),
+            "outsideGenerationShare": round(sum(outside) / sum(latencies), 4),
+            "meanCompletionTokens": round(statistics.mean(s[2] for s in samples), 2)}
+
+
+def measure(port: int, build, question_sets: dict[int, list[str]], warmup: list[str]) -> dict:
+    asyncio.run(run_level(port, build, warmup, 1))
+    levels = {f"c{clients}": asyncio.run(run_level(port, build, question_sets[clients], clients))
+              for clients in LEVELS}
+    levels["warm_c1"] = asyncio.run(run_level(port, build, question_sets[1], 1))
+    return levels
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def target(name: str, value: float, goal: float, met: bool) -> dict:
+    return {"name": name, "value": value, "target": goal, "met": met}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], default=None)
+    parser.add_argument("--baseline-server", nargs=5, metavar=("CORPUS", "MODEL", "EMBEDDER", "WORK", "PORT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_server:
+        corpus, model, embedder, work, port = args.baseline_server
+        baseline_server(Path(corpus), Path(model), embedder, Path(work), int(port))
+        return 0
+
+    import serve_fixtures as fx
+    from ragtune_workloads.index import cranfield
+
+    if not fx.cranfield_available():
+        print(json.dumps({"benchmark": "serve", "error": f"Cranfield not found at {fx.CRANFIELD}"}))
+        return 1
+    documents, per_level = (30, 6) if args.quick else (150, 48)
+    engine = args.engine or ("transformers" if args.quick else "auto")
+    work = Path(tempfile.mkdtemp(prefix="ragtune-bench-serve-"))
+    started = time.monotonic()
+    try:
+        corpus = work / "corpus"
+        fx.write_cranfield_corpus(corpus, documents)
+        model = fx.tiny_model_path()
+        embedding_path = fx.embedding_model_path()
+        index = fx.build_index(work / "store", corpus)
+        queries = cranfield.load_queries(fx.CRANFIELD)
+        warmup, rest = queries[:3], queries[3:]
+        question_sets = {clients: rest[i * per_level:(i + 1) * per_level] for i, clients in enumerate(LEVELS)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "workloads")]),
+               "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": str(work / "ray"),
+               "RAGTUNE_TERMINATION_LOG": str(work / "termination-log")}
+        results, startup = {}, {}
+
+        port = free_port()
+        baseline = Server("baseline", [sys.executable, __file__, "--baseline-server", str(corpus), str(model),
+                                       embedding_path, str(work), str(port)], port, "/health", env,
+                          work / "baseline.log")
+        try:
+            startup["baseline"] = round(baseline.wait_ready(), 1)
+            results["baseline"] = measure(port, baseline_request, question_sets, warmup)
+        finally:
+            baseline.stop()
+
+        config = fx.serve_config(work / "serve.json", name="bench", mode="rag", model=model, adapter=None,
+                                 store=work / "store", engine=engine, top_k=TOP_K, score_threshold=None,
+                                 max_model_len=MAX_MODEL_LEN, max_tokens=MAX_TOKENS)
+        port = free_port()
+        ragtune = Server("ragtune", [sys.executable, "-m", "ragtune_workloads.serve", "--config", str(config),
+                                     "--host", "127.0.0.1", "--port", str(port)], port, "/readyz", env,
+                         work / "ragtune.log")
+        try:
+            startup["ragtune"] = round(ragtune.wait_ready(), 1)
+            import httpx
+
+            served_engine = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()["engine"]
+            results["ragtune"] = measure(port, ragtune_request, question_sets, warmup)
+        finally:
+            ragtune.stop()
+
+        ours, theirs = results["ragtune"], results["baseline"]
+        ratio = ours["c1"]["outsideGenerationP50Ms"] / max(theirs["c1"]["outsideGenerationP50Ms"], 1e-9)
+        warm_ratio = ours["warm_c1"]["outsideGenerationP50Ms"] / max(theirs["warm_c1"]["outsideGenerationP50Ms"], 1e-9)
+        targets = [
+            target("outside-generation time vs baseline, cold, 1 client, p50 (ratio)", round(ratio, 3),
+                   TARGET_RATIO, ratio <= TARGET_RATIO),
+            target("outside-generation time vs baseline, warm (cached retrieval), 1 client, p50 (ratio)",
+                   round(warm_ratio, 3), TARGET_RATIO, warm_ratio <= TARGET_RATIO),
+        ]
+        for clients in LEVELS[1:]:
+            level = f"c{clients}"
+            r = ours[level]["outsideGenerationP50Ms"] / max(theirs[level]["outsideGenerationP50Ms"], 1e-9)
+            targets.append(target(f"outside-generation time vs baseline, cold, {clients} clients, p50 (ratio)",
+                                  round(r, 3), TARGET_RATIO, r <= TARGET_RATIO))
+        report = {
+            "benchmark": "serve", "quick": args.quick, "engine": served_engine, "documents": documents,
+            "chunks": index["chunks"], "requestsPerLevel": per_level, "maxTokens": MAX_TOKENS, "topK": TOP_K,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "loadAverage1m": round(os.getloadavg()[0], 2)},
+            "startupSeconds": startup, "results": results, "targets": targets,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
