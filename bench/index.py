@@ -69,12 +69,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def quality(rankings: list[list[int]], judged: list[dict[int, int]]) -> dict[str, float]:
-    return {"recallAt10": round(statistics.mean(cranfield.recall_at(r, g, METRIC_K) for r, g in zip(rankings, judged)), 4),
-            "ndcgAt10": round(statistics.mean(cranfield.ndcg_at(r, g, METRIC_K) for r, g in zip(rankings, judged)), 4)}
+    pairs = list(zip(rankings, judged))
+    return {"recallAt10": round(statistics.mean(cranfield.recall_at(r, g, METRIC_K) for r, g in pairs), 4),
+            "ndcgAt10": round(statistics.mean(cranfield.ndcg_at(r, g, METRIC_K) for r, g in pairs), 4)}
 
 
 def latency(times: list[float]) -> dict[str, float]:
-    return {"queryP50Ms": round(1000 * percentile(times, 0.5), 2), "queryP99Ms": round(1000 * percentile(times, 0.99), 2)}
+    return {"queryP50Ms": round(1000 * percentile(times, 0.5), 2),
+            "queryP99Ms": round(1000 * percentile(times, 0.99), 2)}
 
 
 def ragtune_config(corpus: Path, store: Path, model_path: str, backend: str) -> IndexConfig:

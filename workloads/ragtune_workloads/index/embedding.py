@@ -75,7 +75,11 @@ def use_onnxruntime(model, ref: ModelRef) -> None:
     transformer = module.model
     input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
                    if n in model.tokenizer.model_input_names]
-    key = hashlib.sha256(f"{ref.name}|{ref.path}|{torch.__version__}|{sorted(input_names)}".encode()).hexdigest()[:16]
+    # Keyed by the weight files too: a model replaced at the same path must not reuse an old export.
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(ref.path).glob("*")
+                     if f.suffix in (".safetensors", ".bin")) if ref.path else []
+    identity = f"{ref.name}|{ref.path}|{weights}|{torch.__version__}|{input_names}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     path = onnx_cache_dir() / f"{key}.onnx"
     if not path.exists():
         export_onnx(transformer, input_names, path)
@@ -111,9 +115,9 @@ def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str
             use_onnxruntime(model, ref)
         return model
     except Exception as exc:  # the library raises many types (OSError, ValueError, HF errors) for the same cause
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise EmbeddingModelError(f"embedding model {ref.name!r} could not be loaded from {location} "
-                                  f"(backend {backend}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                                  ) from exc
+                                  f"(backend {backend}): {type(exc).__name__}: {first_line}") from exc
 
 
 class Embedder:
