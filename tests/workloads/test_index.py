@@ -225,11 +225,12 @@ def test_index_type_changes_reuse_vectors_and_old_versions_are_pruned(cranfield_
     assert versions == [f"v{len(LITE_INDEX_TYPES) - 1}", f"v{len(LITE_INDEX_TYPES)}"]
 
 
-def test_querying_with_another_model_is_refused(first_run, embedder, model_path):
+def test_querying_with_another_model_is_refused(first_run, embedder, model_path, tmp_path):
     config, _, _ = first_run
     other = Embedder(ModelRef("BAAI/bge-small-en-v1.5", model_path), model=embedder.model)
     with pytest.raises(ModelMismatchError, match="embedded with sentence-transformers/all-MiniLM-L6-v2"):
-        Retriever(config.store_uri, config.collection, other)
+        Retriever(config.store_uri, config.collection, other, scratch_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # nothing left behind by the refused reader
 
 
 def test_long_queries_are_cut_to_the_model_window(embedder):

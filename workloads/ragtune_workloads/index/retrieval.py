@@ -144,7 +144,11 @@ class Retriever:
             self._scratch = Path(tempfile.mkdtemp(prefix="ragtune-retrieval-", dir=scratch_dir))
         self._current: OpenVersion | None = None
         self._refused: tuple[int, ModelMismatchError] | None = None
-        self.refresh()
+        try:
+            self.refresh()
+        except BaseException:
+            self.close()  # a refused or missing index must not leave a scratch directory behind
+            raise
 
     @classmethod
     def from_target(cls, target, embedder: Embedder | None = None, **kwargs) -> Retriever:
