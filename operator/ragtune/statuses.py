@@ -170,7 +170,10 @@ def vectorindex(job: dict | None, pods: list[dict], previous: dict[str, Any]) ->
             status["lastRunTime"] = (job.get("status") or {}).get("completionTime")
             status["progressText"] = "done"
             status["progress"] = {k: result[k] for k in ("added", "kept", "removed") if k in result}
-            status["progress"]["skipped"] = len(result.get("skipped") or [])
+            skipped = result.get("skipped") or []
+            status["progress"]["skipped"] = result.get("skippedTotal") or len(skipped)
+            status["skippedFiles"] = [{"path": str(f.get("path")), "reason": str(f.get("reason"))}
+                                      for f in skipped[:20] if isinstance(f, dict)]
             conds += [c.condition(c.READY, True, c.JOB_SUCCEEDED, f"version {result['activeVersion']} active with "
                                   f"{result.get('chunks', '?')} chunks"),
                       c.condition(c.INDEXED, True, c.JOB_SUCCEEDED, f"{result.get('added', 0)} added, "

@@ -52,7 +52,7 @@ class Reporter:
         self._publish({RESULT_ANNOTATION: text})
         try:
             if TERMINATION_LOG.parent.exists():
-                TERMINATION_LOG.write_text(text[:4000])
+                TERMINATION_LOG.write_text(termination_text(result))
         except OSError as exc:
             log.debug("termination message not written: %s", exc)
 
@@ -80,3 +80,19 @@ class Reporter:
         context = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
         with urllib.request.urlopen(request, timeout=5, context=context) as response:
             response.read()
+
+
+def termination_text(result: dict[str, Any], limit: int = 4000) -> str:
+    """The result as JSON within Kubernetes' termination-message limit: long lists are shortened (their full
+    length kept as <name>Total) rather than the JSON cut mid-way."""
+    text = json.dumps(result, separators=(",", ":"), default=str)
+    keep = 50
+    while len(text) > limit and keep > 0:
+        shortened = dict(result)
+        for key, value in result.items():
+            if isinstance(value, list) and len(value) > keep:
+                shortened[key] = value[:keep]
+                shortened[f"{key}Total"] = len(value)
+        text = json.dumps(shortened, separators=(",", ":"), default=str)
+        keep //= 2
+    return text if len(text) <= limit else json.dumps({"truncated": True})

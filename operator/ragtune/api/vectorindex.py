@@ -107,6 +107,12 @@ class IndexStats(ApiModel):
     skipped: int = 0
 
 
+class SkippedFile(ApiModel):
+    model_config = {"extra": "ignore"}
+    path: str
+    reason: str
+
+
 class VectorIndexStatus(ApiModel):
     model_config = {"extra": "ignore"}
     phase: str | None = None
@@ -119,6 +125,8 @@ class VectorIndexStatus(ApiModel):
     active_version: str | None = None
     progress: IndexStats | None = None
     progress_text: str | None = None
+    skipped_files: list[SkippedFile] | None = Field(default=None, description="Files the last run could not "
+                                                    "use, with the reason (the first 20).")
     last_run_time: str | None = None
     last_duration_seconds: float | None = None
     next_run_time: str | None = None
