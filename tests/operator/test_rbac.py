@@ -56,8 +56,11 @@ def test_the_operator_works_under_its_own_cluster_role(kube, namespace, ragtune_
         kube.wait_for(lambda: (kube.get(API, "FineTuneJob", "ft", namespace).get("status") or {}).get("phase")
                       == "Succeeded", "the FineTuneJob to follow its Job")
         assert any(e["kind"] == "FineTuneJob" for e in kube.events(namespace, "ft"))
-        log = restricted.log_path.read_text()
-        assert "Forbidden" not in log and "403" not in log, restricted.log_tail()
+        # An RBAC denial names the identity and what it cannot do; other 403s (writes into namespaces that other
+        # tests are deleting) are not about permissions.
+        denials = [line for line in restricted.log_path.read_text().splitlines()
+                   if "system:serviceaccount:" in line and " cannot " in line]
+        assert not denials, "\n".join(denials[:5])
     finally:
         restricted.stop()
         ragtune_operator.start()

@@ -20,6 +20,7 @@ from conftest_finetune import (  # noqa: F401  (tiny_model is a fixture)
 from ragtune.api.finetunejob import Artifact
 from ragtune_workloads.finetune.data import load_examples, read_rows
 from ragtune_workloads.finetune.data import dataset_digest as digest_of_rows
+from ragtune_workloads.finetune.trainers import is_complete_checkpoint
 
 ROW_COUNT = 24
 PROBE = "add 5 and 8"
@@ -269,7 +270,9 @@ def test_gguf_export_that_cannot_run_here_fails_before_training(tmp_path, tiny_m
 def wait_for_checkpoint(checkpoints: Path, process: subprocess.Popen, timeout: float = 120) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        # Complete by the workload's own rule (its state file parses): a file that merely exists may still be
+        # being written, and a kill then leaves a checkpoint the retry rightly refuses.
+        done = [p for p in checkpoints.glob("checkpoint-*") if is_complete_checkpoint(p)]
         if done:
             return done[0]
         assert process.poll() is None, "the run ended before writing a checkpoint"
