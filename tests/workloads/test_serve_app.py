@@ -64,6 +64,8 @@ def stack(tmp_path_factory):
     }
     port = fx.free_port()
     ray_dir = Path(f"/tmp/ragtune-serve-test-{os.getpid()}")
+    # Processes this test session started before Ray (the operator of other tests, say) are not Ray's.
+    before = fx.descendants()
     with fx.ray_serve(ray_dir, port) as serve:
         for name, path in configs.items():
             serve.run(build_app({"config": str(path)}), name=name, route_prefix=f"/{name}", blocking=False)
@@ -72,7 +74,7 @@ def stack(tmp_path_factory):
         base = f"http://127.0.0.1:{port}"
         yield {"urls": {name: f"{base}/{name}" for name in configs}, "store": store, "corpus": corpus,
                "embedder": embedder, "key_file": key_file}
-        started_by_ray = fx.descendants()
+        started_by_ray = {pid: t for pid, t in fx.descendants().items() if before.get(pid) != t}
     assert started_by_ray, "Ray runs its cluster in processes of its own"
     time.sleep(2)  # processes told to exit get a moment to do so
     leftovers = fx.still_running(started_by_ray) + fx.ray_processes_of(ray_dir)
