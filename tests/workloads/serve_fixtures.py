@@ -47,12 +47,12 @@ def embedding_model_path() -> str:
 
 
 def tiny_model_path() -> Path:
-    from ragtune_workloads.testing.tiny_model import TINY_LLAMA_VERSION, cache_root, tiny_llama_path
+    from ragtune_workloads.testing.tiny_model import tiny_llama_path
 
     return tiny_llama_path()
 
 
-def _training_prompts(tokenizer, filler: list[str]) -> list[list[dict[str, str]]]:
+def _training_prompts(filler: list[str]) -> list[list[dict[str, str]]]:
     """Conversations shaped like what the endpoint sends: bare questions, and questions under a system prompt
     with retrieved context of varying length."""
     from ragtune.api.hybridendpoint import DEFAULT_HYBRID_SYSTEM_PROMPT, DEFAULT_TEMPLATE
@@ -82,7 +82,7 @@ def train_adapter(base: Path, output: Path, steps: int = 60, seed: int = 0) -> P
                                              task_type="CAUSAL_LM", lora_dropout=0.0))
     filler = [" ".join(training_corpus(60)[i * 5:(i + 1) * 5]) for i in range(12)]
     rows = []
-    for conversation in _training_prompts(tokenizer, filler):
+    for conversation in _training_prompts(filler):
         prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-700:]
         answer_ids = tokenizer(ADAPTER_ANSWER + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
