@@ -115,7 +115,7 @@ ADAPTER = endpoint.ResolvedAdapter(name="ft", uri="pvc://adapters/ft/adapter", d
                                    base_model="base/m", claim_name="adapters", sub_path="ft/adapter")
 INDEX = endpoint.ResolvedIndex(name="docs", collection="ns_docs", store_uri="/store",
                                embedding_model="all-MiniLM-L6-v2", version="v2", claim_name="docs-store",
-                               sub_path="")
+                               sub_path="", query_prefix="query: ")
 
 
 def test_endpoint_deployment_mounts_adapter_index_and_key_and_rolls_without_downtime():
@@ -124,6 +124,7 @@ def test_endpoint_deployment_mounts_adapter_index_and_key_and_rolls_without_down
     config = ServeConfig.model_validate_json(objs["ConfigMap"]["data"]["config.json"])
     assert config.adapter.path == "/adapters/ft/ft/adapter" and config.adapter.digest == "sha256:abc"
     assert config.retrieval.store_uri == "/store" and config.retrieval.collection == "ns_docs"
+    assert config.retrieval.query_prefix == "query: "
     assert config.api_key_file == "/var/run/ragtune/api-key/api-key"
     deployment = objs["Deployment"]
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}

@@ -40,6 +40,7 @@ class ResolvedIndex:
     version: str | None
     claim_name: str | None = None
     sub_path: str = ""
+    query_prefix: str = ""
 
 
 def names(owner: OwnerInfo) -> dict[str, str]:
@@ -64,7 +65,8 @@ def workload_config(owner: OwnerInfo, spec: HybridEndpointSpec, adapter: Resolve
         uri = index.store_uri
         if index.claim_name:
             uri = f"{STORE_MOUNT}/{index.sub_path}".rstrip("/")
-        retrieval = RetrievalTarget(store_uri=uri, collection=index.collection, embedding_model=index.embedding_model)
+        retrieval = RetrievalTarget(store_uri=uri, collection=index.collection, embedding_model=index.embedding_model,
+                                    query_prefix=index.query_prefix)
     model_path = None
     if spec.model.source == "pvc" and spec.model.pvc:
         model_path = f"{MODEL_MOUNT}/{spec.model.pvc.path.lstrip('/')}".rstrip("/")

@@ -122,7 +122,7 @@ def resolve_index(spec: HybridEndpointSpec, namespace: str) -> builder.ResolvedI
         name=ref, collection=status.get("activeCollection") or index_builder.collection_name(owner, vspec),
         store_uri=index_builder.store_uri(owner, vspec),
         embedding_model=status.get("embeddingModel") or vspec.embedding.model, version=status.get("activeVersion"),
-        claim_name=claim[0] if claim else None,
+        claim_name=claim[0] if claim else None, query_prefix=vspec.embedding.query_prefix,
         sub_path=index_builder.store_uri(owner, vspec).removeprefix(index_builder.STORE_MOUNT).strip("/") if claim
         else "")
 
