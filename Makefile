@@ -8,6 +8,8 @@ PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/workloads
 # Models come from the project's own packages and fixtures; nothing is fetched from a hub at run time.
 export HF_HUB_OFFLINE := 1
+# milvus-lite's gRPC core logs keep-alive chatter at exit, after the test summary; its errors still raise.
+export GRPC_VERBOSITY := NONE
 # The venv and the control-plane binaries live in version-keyed caches outside the repository.
 venv = $$(bash hack/venv.sh)
 k8s_bin = $$(bash hack/build-k8s.sh)
