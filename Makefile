@@ -74,11 +74,11 @@ bench: bench-operator bench-index bench-finetune bench-serve ## Run every benchm
 bench-operator: ## Operator: apply→Job latency, reconcile time, RSS vs direct API writes
 	@venv=$(venv); bin=$(k8s_bin); RAGTUNE_K8S_BIN="$$bin" "$$venv/bin/python" bench/operator.py $(BENCH_ARGS)
 bench-index: ## Indexing: ragtune vs the LlamaIndex + Chroma stack vs raw encode
-	@"$(venv)/bin/python" bench/index.py $(BENCH_ARGS)
+	@"$(venv)/bin/python" -m bench.index $(BENCH_ARGS)
 bench-finetune: ## Fine-tuning: tokens/s and peak RSS (unsloth/trl ratio on a GPU)
-	@"$(venv)/bin/python" bench/finetune.py $(BENCH_ARGS)
+	@"$(venv)/bin/python" -m bench.finetune $(BENCH_ARGS)
 bench-serve: ## Serving: latency and throughput at 1/4/16 clients vs the FastAPI + LlamaIndex server
-	@"$(venv)/bin/python" bench/serve.py $(BENCH_ARGS)
+	@"$(venv)/bin/python" -m bench.serve $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove caches inside the repository (the venv and binary caches stay)
