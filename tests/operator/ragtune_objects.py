@@ -99,3 +99,14 @@ def finish_index(kube, namespace, name, version):
     kube.wait_condition("batch/v1", "Job", job, namespace, "Complete")
     report_result(kube, namespace, job, index_result(version))
     wait_ready(kube, "VectorIndex", name, namespace)
+
+
+def ready_references(kube, namespace: str, adapter: str, digest: str, index: str = "docs",
+                     version: str = "v1") -> None:
+    """A Ready FineTuneJob and a Ready VectorIndex (with their volumes) for an endpoint to reference."""
+    bound_pvc(kube, namespace, "adapters")
+    volume_for_claim(kube, namespace, f"{index}-store")
+    kube.apply(finetunejob(adapter), namespace)
+    kube.apply(vectorindex(index), namespace)
+    finish_finetune(kube, namespace, adapter, digest)
+    finish_index(kube, namespace, index, version)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from ragtune_objects import (API, bound_pvc, endpoint, finetunejob, finish_finetune, finish_index, status,
-                             vectorindex, volume_for_claim, wait_ready)
+from ragtune_objects import (API, bound_pvc, endpoint, finetunejob, finish_finetune, finish_index,
+                             ready_references, status, vectorindex, volume_for_claim, wait_ready)
 
 pytestmark = pytest.mark.usefixtures("ragtune_operator")
 
@@ -47,12 +47,7 @@ def test_endpoint_waits_for_its_references_then_serves_them(kube, namespace):
 
 
 def test_changing_the_adapter_reference_rolls_the_endpoint_in_place(kube, namespace):
-    bound_pvc(kube, namespace, "adapters")
-    volume_for_claim(kube, namespace, "docs-store")
-    kube.apply(finetunejob("ft-v1"), namespace)
-    kube.apply(vectorindex("docs"), namespace)
-    finish_finetune(kube, namespace, "ft-v1", "sha256:" + "1" * 64)
-    finish_index(kube, namespace, "docs", "v1")
+    ready_references(kube, namespace, "ft-v1", "sha256:" + "1" * 64)
     kube.apply(endpoint("chat", adapter="ft-v1", index="docs"), namespace)
     wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
     before = kube.get("apps/v1", "Deployment", "chat", namespace)

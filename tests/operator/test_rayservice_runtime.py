@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ragtune_objects import (API, bound_pvc, endpoint, finetunejob, finish_finetune, finish_index, vectorindex,
-                             volume_for_claim, wait_ready)
+from ragtune_objects import API, endpoint, ready_references, wait_ready
 
 KUBERAY = "github.com/ray-project/kuberay/ray-operator@v1.5.0"
 pytestmark = pytest.mark.usefixtures("ragtune_operator")
@@ -31,12 +30,7 @@ def kuberay_crd(kube):
 
 
 def test_auto_runtime_serves_through_a_rayservice_when_kuberay_is_installed(kube, namespace, kuberay_crd):
-    bound_pvc(kube, namespace, "adapters")
-    volume_for_claim(kube, namespace, "docs-store")
-    kube.apply(finetunejob("ft"), namespace)
-    kube.apply(vectorindex("docs"), namespace)
-    finish_finetune(kube, namespace, "ft", "sha256:" + "4" * 64)
-    finish_index(kube, namespace, "docs", "v1")
+    ready_references(kube, namespace, "ft", "sha256:" + "4" * 64)
     kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)
 
     rayservice = kube.wait_for(lambda: kube.get("ray.io/v1", "RayService", "chat", namespace), "the RayService")

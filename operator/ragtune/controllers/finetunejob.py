@@ -66,22 +66,14 @@ def refresh(key: tuple[str, str, str]) -> None:
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
-    key = (KIND, namespace, name)
-    if type == "DELETED":
-        cache.OWNERS.put(key, None)
-        cache.JOBS.forget(key)
-        cache.PODS.forget(key)
-    else:
-        cache.OWNERS.put(key, shared.compact_owner(dict(body)))
+    shared.track_owner(KIND, dict(body), namespace, name, type)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"ragtune.io/finetunejob": kopf.PRESENT})
 async def job_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    key = shared.record_child(KIND, cache.JOBS, cache.compact_job, namespace, dict(body), labels, type)
-    if key and type == "DELETED":
-        shared.request_refresh(key, lambda: recreate_if_unfinished(key))
-    elif key and type is not None:  # None: the initial listing; the resume handler refreshes from the API
-        shared.request_refresh(key, lambda: refresh(key))
+    deleted = type == "DELETED"
+    shared.child_event(KIND, cache.JOBS, cache.compact_job, namespace, dict(body), labels, type,
+                       recreate_if_unfinished if deleted else refresh)
 
 
 def recreate_if_unfinished(key: tuple[str, str, str]) -> None:
@@ -103,7 +95,5 @@ def recreate_if_unfinished(key: tuple[str, str, str]) -> None:
 
 @kopf.on.event("", "v1", "pods", labels={"ragtune.io/finetunejob": kopf.PRESENT})
 async def pod_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    key = shared.record_child(KIND, cache.PODS, cache.compact_pod, namespace, dict(body), labels, type)
-    if key and type is not None:
-        shared.request_refresh(key, lambda: refresh(key))
+    shared.child_event(KIND, cache.PODS, cache.compact_pod, namespace, dict(body), labels, type, refresh)
 

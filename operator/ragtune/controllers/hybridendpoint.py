@@ -246,14 +246,9 @@ async def rayservice_changed(body: kopf.Body, namespace: str, labels: dict[str, 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
-    key = (KIND, namespace, name)
-    if type == "DELETED":
-        cache.OWNERS.put(key, None)
-        cache.JOBS.forget(key)
-        DESIRED.pop(key, None)
-        UNRESOLVED.pop(key, None)
-    else:
-        cache.OWNERS.put(key, shared.compact_owner(dict(body)))
+    if shared.track_owner(KIND, dict(body), namespace, name, type):
+        DESIRED.pop((KIND, namespace, name), None)
+        UNRESOLVED.pop((KIND, namespace, name), None)
 
 
 @kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions")
@@ -267,23 +262,22 @@ def _referencing(index: kopf.Index, namespace: str, kind: str, name: str) -> set
     return set(index.get((namespace, kind, name), []))
 
 
-def reference_changed(kind: str, body: dict[str, Any], namespace: str, name: str, type: str | None,
-                      index: kopf.Index) -> None:
+def reference_changed(kind: str, namespace: str, name: str, type: str | None, index: kopf.Index) -> None:
     if type is None:
         return
-    cache.OWNERS.put((kind, namespace, name), None if type == "DELETED" else shared.compact_owner(body))
+    # The referenced kind's own controller keeps it in the owner cache; here only its dependents react.
     for endpoint in _referencing(index, namespace, kind, name):
         key = (KIND, namespace, endpoint)
         shared.request_refresh(key, lambda e=endpoint: reconcile(namespace, e))
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
-async def finetunejob_changed(body: kopf.Body, namespace: str, name: str, type: str | None,
+async def finetunejob_changed(namespace: str, name: str, type: str | None,
                         endpoint_references: kopf.Index, **_: Any) -> None:
-    reference_changed("FineTuneJob", dict(body), namespace, name, type, endpoint_references)
+    reference_changed("FineTuneJob", namespace, name, type, endpoint_references)
 
 
 @kopf.on.event(GROUP, VERSION, "vectorindexes")
-async def vectorindex_changed(body: kopf.Body, namespace: str, name: str, type: str | None,
+async def vectorindex_changed(namespace: str, name: str, type: str | None,
                         endpoint_references: kopf.Index, **_: Any) -> None:
-    reference_changed("VectorIndex", dict(body), namespace, name, type, endpoint_references)
+    reference_changed("VectorIndex", namespace, name, type, endpoint_references)

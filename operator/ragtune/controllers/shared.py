@@ -186,6 +186,29 @@ def compact_owner(body: dict[str, Any]) -> dict[str, Any]:
             "spec": body.get("spec"), "status": body.get("status")}
 
 
+def track_owner(kind: str, body: dict[str, Any], namespace: str, name: str, event_type: str | None) -> bool:
+    """Keeps the owner cache current from the owner's own watch events; True when the owner is gone."""
+    key = (kind, namespace, name)
+    if event_type == "DELETED":
+        cache.OWNERS.put(key, None)
+        cache.JOBS.forget(key)
+        cache.PODS.forget(key)
+        return True
+    cache.OWNERS.put(key, compact_owner(body))
+    return False
+
+
+def child_event(kind: str, cache_: cache.ChildCache, compact: Callable, namespace: str, body: dict[str, Any],
+                labels: dict[str, str] | None, event_type: str | None,
+                refresh: Callable[[tuple[str, str, str]], None]) -> tuple[str, str, str] | None:
+    """Records a Job's or Pod's change and schedules its owner's status refresh. The initial listing (type None)
+    only fills the cache: after a restart the resume handlers refresh from the API."""
+    key = record_child(kind, cache_, compact, namespace, body, labels, event_type)
+    if key and event_type is not None:
+        request_refresh(key, lambda: refresh(key))
+    return key
+
+
 def record_child(kind: str, cache_: cache.ChildCache, compact: Callable, namespace: str, body: dict[str, Any],
                  labels: dict[str, str] | None, event_type: str | None) -> tuple[str, str, str] | None:
     """Keeps the child cache current; returns the owner key it belongs to."""

@@ -109,27 +109,17 @@ def next_run(schedule: str, suspended: bool) -> str | None:
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | None, **_: Any) -> None:
-    key = (KIND, namespace, name)
-    if type == "DELETED":
-        cache.OWNERS.put(key, None)
-        cache.JOBS.forget(key)
-        cache.PODS.forget(key)
-    else:
-        cache.OWNERS.put(key, shared.compact_owner(dict(body)))
+    shared.track_owner(KIND, dict(body), namespace, name, type)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"ragtune.io/vectorindex": kopf.PRESENT})
 async def job_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    key = shared.record_child(KIND, cache.JOBS, cache.compact_job, namespace, dict(body), labels, type)
-    if key and type is not None:
-        shared.request_refresh(key, lambda: refresh(key))
+    shared.child_event(KIND, cache.JOBS, cache.compact_job, namespace, dict(body), labels, type, refresh)
 
 
 @kopf.on.event("", "v1", "pods", labels={"ragtune.io/vectorindex": kopf.PRESENT})
 async def pod_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
-    key = shared.record_child(KIND, cache.PODS, cache.compact_pod, namespace, dict(body), labels, type)
-    if key and type is not None:
-        shared.request_refresh(key, lambda: refresh(key))
+    shared.child_event(KIND, cache.PODS, cache.compact_pod, namespace, dict(body), labels, type, refresh)
 
 
 def _drops_external_collection(spec: kopf.Spec, **_: Any) -> bool:
