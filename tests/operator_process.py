@@ -21,9 +21,13 @@ def free_port() -> int:
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: Path, log_dir: Path):
+    def __init__(self, kubeconfig: Path, log_dir: Path, standalone: bool = True,
+                 env: dict[str, str] | None = None, name: str = "operator"):
         self.kubeconfig = kubeconfig
         self.log_dir = log_dir
+        self.standalone = standalone
+        self.extra_env = env or {}
+        self.name = name
         self.proc: subprocess.Popen | None = None
         self.metrics_port = free_port()
         self.liveness_port = free_port()
@@ -31,16 +35,16 @@ class OperatorProcess:
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / f"operator-{self.starts}.log"
+        return self.log_dir / f"{self.name}-{self.starts}.log"
 
     def start(self, timeout: float = 60) -> None:
         assert self.proc is None or self.proc.poll() is not None, "operator already running"
         self.starts += 1
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "RAGTUNE_METRICS_PORT": str(self.metrics_port),
                "RAGTUNE_METRICS_ADDR": "127.0.0.1",
-               "PYTHONPATH": f"{ROOT / 'operator'}{os.pathsep}{ROOT / 'workloads'}"}
+               "PYTHONPATH": f"{ROOT / 'operator'}{os.pathsep}{ROOT / 'workloads'}", **self.extra_env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ragtune", "run", "--standalone",
+            [sys.executable, "-m", "ragtune", "run", *(["--standalone"] if self.standalone else []),
              "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz"],
             env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout

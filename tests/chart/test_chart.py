@@ -65,6 +65,7 @@ def test_default_install_is_cluster_wide_with_the_operators_own_rules(helm):
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["RAGTUNE_SERVE_IMAGE"] == "ragtune/serve:0.1.0"
     assert kinds["Service"][0]["spec"]["ports"][0]["port"] == 8080
+    assert kinds["ClusterKopfPeering"][0]["metadata"]["name"] == env["RAGTUNE_PEERING"] == "ragtune"
 
 
 def test_single_namespace_mode_uses_roles_in_the_served_namespaces(helm):
@@ -76,6 +77,7 @@ def test_single_namespace_mode_uses_roles_in_the_served_namespaces(helm):
     assert kinds["ClusterRole"][0]["rules"] == cluster
     args = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
+    assert sorted(p["metadata"]["namespace"] for p in kinds["KopfPeering"]) == ["team-a", "team-b"]
 
 
 @pytest.mark.parametrize("flag,field", [

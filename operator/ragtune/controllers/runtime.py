@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from typing import Any
 
 import kopf
@@ -34,6 +35,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # each replica runs standalone.
     settings.peering.name = os.environ.get("RAGTUNE_PEERING", "ragtune")
     settings.peering.mandatory = False
+    # kopf pauses every peer when several share one priority; a random priority per replica makes the highest
+    # one active and the others its standbys, which take over once its peering record expires.
+    settings.peering.priority = int(os.environ.get("RAGTUNE_PEERING_PRIORITY") or random.randint(1, 2**30))
+    settings.peering.lifetime = int(os.environ.get("RAGTUNE_PEERING_LIFETIME", "60"))
     start_metrics()
 
 
