@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
 from .. import GROUP, VERSION
 from .. import statuses
@@ -18,10 +17,7 @@ KIND = "FineTuneJob"
 
 
 def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
-    try:
-        return FineTuneJobSpec.model_validate(dict(spec))
-    except ValidationError as exc:  # admission should have refused it; say what is wrong and stop retrying
-        raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+    return shared.parse_spec(FineTuneJobSpec, spec)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -29,15 +25,16 @@ def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
 @shared.instrumented(KIND)
 def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reason: str, **_: Any) -> None:
     parsed = parse_spec(spec)
-    obj = shared.compact_owner(dict(body))
-    key = (KIND, namespace, name)
-    cache.OWNERS.put(key, obj)
+    key, obj = shared.remember_owner(KIND, body, namespace, name)
     children = builder.build(obj, parsed)
     with shared.object_lock(*key):
         shared.ensure_workload_identity(namespace)
-        shared.apply_children(obj, children)
-        if reason == "resume":
-            # After a restart the caches are cold: read the Job and its pods once from the API.
+        outcome = shared.apply_children(obj, children)
+        job_existed = outcome.get(f"Job/{name}") != "created"
+        if reason == "resume" or job_existed:
+            # After a restart the caches are cold — also when the operator died between creating the Job and
+            # recording that it handled the creation, so kopf runs the create handler again over a Job that may
+            # already have finished: read the Job and its pods once from the API.
             job = shared.api().get("batch/v1", "Job", name, namespace)
             pods = shared.api().list("v1", "Pod", namespace, {"job-name": name}) if job else []
             if job:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
 from .. import GROUP, VERSION
 from .. import conditions as c
@@ -34,10 +33,7 @@ class Unresolved(Exception):
 
 
 def parse_spec(spec: dict[str, Any]) -> HybridEndpointSpec:
-    try:
-        return HybridEndpointSpec.model_validate(dict(spec))
-    except ValidationError as exc:
-        raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+    return shared.parse_spec(HybridEndpointSpec, spec)
 
 
 @kopf.index(GROUP, VERSION, PLURAL)

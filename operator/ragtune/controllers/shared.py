@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 from prometheus_client import Counter, Histogram
 
 from .. import conditions as c
@@ -184,6 +185,23 @@ def compact_owner(body: dict[str, Any]) -> dict[str, Any]:
                                                      "deletionTimestamp")},
                          "labels": dict(meta.get("labels") or {})},
             "spec": body.get("spec"), "status": body.get("status")}
+
+
+def parse_spec(model: type[Any], spec: dict[str, Any]) -> Any:
+    """The spec as its pydantic model. Admission should have refused an invalid one; if one got through (an old
+    CRD, say), say what is wrong and stop retrying."""
+    try:
+        return model.model_validate(dict(spec))
+    except ValidationError as exc:
+        raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+
+
+def remember_owner(kind: str, body: kopf.Body, namespace: str, name: str) -> tuple[tuple[str, str, str], dict]:
+    """The handler's object, compacted and cached for the refreshes its children's events trigger."""
+    key = (kind, namespace, name)
+    obj = compact_owner(dict(body))
+    cache.OWNERS.put(key, obj)
+    return key, obj
 
 
 def track_owner(kind: str, body: dict[str, Any], namespace: str, name: str, event_type: str | None) -> bool:

@@ -7,7 +7,6 @@ import logging
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
 from .. import GROUP, VERSION
 from .. import statuses
@@ -23,10 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def parse_spec(spec: dict[str, Any]) -> VectorIndexSpec:
-    try:
-        return VectorIndexSpec.model_validate(dict(spec))
-    except ValidationError as exc:
-        raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+    return shared.parse_spec(VectorIndexSpec, spec)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -35,18 +31,17 @@ def parse_spec(spec: dict[str, Any]) -> VectorIndexSpec:
 @shared.instrumented(KIND)
 def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reason: str, **_: Any) -> None:
     parsed = parse_spec(spec)
-    obj = shared.compact_owner(dict(body))
-    key = (KIND, namespace, name)
-    cache.OWNERS.put(key, obj)
+    key, obj = shared.remember_owner(KIND, body, namespace, name)
     children = builder.build(obj, parsed)
     with shared.object_lock(*key):
         shared.ensure_workload_identity(namespace)
-        shared.apply_children(obj, children)
+        outcome = shared.apply_children(obj, children)
         if not parsed.schedule:
             shared.api().delete("batch/v1", "CronJob", f"{name}-refresh", namespace)
         current = builder.names(common.owner_info(obj), parsed)["job"]
-        if reason == "resume":
-            # After a restart the caches are cold: read the Jobs and their pods once from the API.
+        if reason == "resume" or outcome.get(f"Job/{current}") != "created":
+            # After a restart the caches are cold (see the FineTuneJob controller): read the Jobs and their pods
+            # once from the API.
             jobs = shared.api().list("batch/v1", "Job", namespace, {"ragtune.io/vectorindex": name})
             pods = shared.api().list("v1", "Pod", namespace, {"ragtune.io/vectorindex": name})
             cache.JOBS.replace(key, {j["metadata"]["name"]: cache.compact_job(j) for j in jobs})
