@@ -24,7 +24,6 @@ RECONCILES = Counter("ragtune_reconciles_total", "Reconciliations by kind and re
 ERRORS = Counter("ragtune_reconcile_errors_total", "Reconciliations that raised, by kind", ["kind"])
 DURATION = Histogram("ragtune_reconcile_duration_seconds", "Reconciliation time by kind", ["kind"],
                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-MANAGED = {"app.kubernetes.io/managed-by": common.MANAGED_BY}
 RETAIN_ANNOTATION = "ragtune.io/deletion-policy"
 
 _api: Api | None = None
@@ -40,14 +39,6 @@ def api() -> Api:
         if _api is None:
             _api = Api()
         return _api
-
-
-def set_api(value: Api | None) -> None:
-    """Lets an embedding (tests, the benchmark) point the controllers at a given cluster."""
-    global _api
-    with _api_lock:
-        _api = value
-    _workload_rbac_done.clear()
 
 
 def object_lock(kind: str, namespace: str, name: str) -> threading.RLock:
