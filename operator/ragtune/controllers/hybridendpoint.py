@@ -264,7 +264,7 @@ def reference_changed(kind: str, namespace: str, name: str, type: str | None, in
     # The referenced kind's own controller keeps it in the owner cache; here only its dependents react.
     for endpoint in _referencing(index, namespace, kind, name):
         key = (KIND, namespace, endpoint)
-        shared.request_refresh(key, lambda e=endpoint: reconcile(namespace, e))
+        shared.request_refresh(key, lambda e=endpoint: reconcile(namespace, e), work="reconcile")
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")

@@ -125,48 +125,52 @@ class Refresher:
         self.delay = delay
         self._workers = workers
         self._cond = threading.Condition()
-        self._due: dict[tuple[str, str, str], tuple[float, Callable[[], None]]] = {}
+        # key → (due time, work name → callable): different kinds of work for one object (a status refresh, a
+        # lost Job's re-creation, an endpoint's reconcile) are all kept; repeats of one kind fold together.
+        self._due: dict[tuple[str, str, str], tuple[float, dict[str, Callable[[], None]]]] = {}
         self._threads: list[threading.Thread] = []
 
-    def schedule(self, key: tuple[str, str, str], run: Callable[[], None]) -> None:
+    def schedule(self, key: tuple[str, str, str], run: Callable[[], None], work: str) -> None:
         with self._cond:
-            if key not in self._due:
-                self._due[key] = (time.monotonic() + self.delay, run)
-                self._cond.notify()
+            due, pending = self._due.get(key, (time.monotonic() + self.delay, {}))
+            pending.setdefault(work, run)
+            self._due[key] = (due, pending)
+            self._cond.notify()
             if not self._threads:
                 for i in range(self._workers):
                     thread = threading.Thread(target=self._loop, name=f"ragtune-refresh-{i}", daemon=True)
                     thread.start()
                     self._threads.append(thread)
 
-    def _next(self) -> tuple[tuple[str, str, str], Callable[[], None]]:
+    def _next(self) -> tuple[tuple[str, str, str], list[Callable[[], None]]]:
         with self._cond:
             while True:
                 if self._due:
-                    key, (due, run) = min(self._due.items(), key=lambda item: item[1][0])
+                    key, (due, pending) = min(self._due.items(), key=lambda item: item[1][0])
                     wait = due - time.monotonic()
                     if wait <= 0:
                         del self._due[key]
-                        return key, run
+                        return key, list(pending.values())
                     self._cond.wait(wait)
                 else:
                     self._cond.wait()
 
     def _loop(self) -> None:
         while True:
-            key, run = self._next()
-            try:
-                with object_lock(*key):
-                    run()
-            except Exception:  # one object's failure must not stop the others' status
-                log.exception("refreshing %s/%s/%s failed", *key)
+            key, runs = self._next()
+            for run in runs:
+                try:
+                    with object_lock(*key):
+                        run()
+                except Exception:  # one object's failure must not stop the others' status
+                    log.exception("refreshing %s/%s/%s failed", *key)
 
 
 REFRESHER = Refresher()
 
 
-def request_refresh(key: tuple[str, str, str], run: Callable[[], None]) -> None:
-    REFRESHER.schedule(key, run)
+def request_refresh(key: tuple[str, str, str], run: Callable[[], None], work: str = "refresh") -> None:
+    REFRESHER.schedule(key, run, work)
 
 
 def compact_owner(body: dict[str, Any]) -> dict[str, Any]:
@@ -214,7 +218,7 @@ def child_event(kind: str, cache_: cache.ChildCache, compact: Callable, namespac
     only fills the cache: after a restart the resume handlers refresh from the API."""
     key = record_child(kind, cache_, compact, namespace, body, labels, event_type)
     if key and event_type is not None:
-        request_refresh(key, lambda: refresh(key))
+        request_refresh(key, lambda: refresh(key), work=refresh.__name__)
     return key
 
 
