@@ -39,6 +39,22 @@ cluster-down: ## Stop the local control plane and remove its state
 cluster-kubeconfig: ## Print the local control plane's kubeconfig path
 	@$(PYTHON) hack/localcluster.py kubeconfig
 
+.PHONY: images
+images: ## Build the operator and workload images (BASE_IMAGE=…; offline from a local wheelhouse by default)
+	@bash hack/images.sh
+
+.PHONY: kind-up
+kind-up: ## Start Docker if needed, build the offline kind node image (cached) and create the kind cluster
+	@bash hack/kind/cluster.sh up
+
+.PHONY: kind-down
+kind-down: ## Delete the kind cluster and stop the Docker engine if kind-up started it
+	@bash hack/kind/cluster.sh down
+
+.PHONY: kind-kubeconfig
+kind-kubeconfig: ## Print the kind cluster's kubeconfig
+	@bash hack/kind/cluster.sh kubeconfig
+
 .PHONY: manifests
 manifests: ## Generate crds/ (and the chart's copy) from the pydantic models
 	@$(venv)/bin/python -m ragtune.manifests write

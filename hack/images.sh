@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds the ragtune images: operator, finetune, index, serve (CPU), tagged ragtune/<name>:<version>.
+#   BASE_IMAGE   the base of every image. Unset: python:3.11-slim-bookworm when the engine already has it, otherwise
+#                the Debian base debootstrapped by hack/kind/node-image.sh (no registry needed).
+#   OFFLINE=0    install from the package index instead of the local wheelhouse (hack/wheelhouse.sh)
+#   IMAGES       which images (default: operator finetune index serve); finetune-gpu/serve-gpu need a registry
+# Prints the image names.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+version="$(python3 -c 'import tomllib,sys; print(tomllib.load(open(sys.argv[1],"rb"))["project"]["version"])' "$root/pyproject.toml")"
+images=(${IMAGES:-operator finetune index serve})
+log() { echo "images: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+docker info >/dev/null 2>&1 || die "no Docker engine answers; run: bash hack/docker/engine.sh up"
+
+base="${BASE_IMAGE:-}"
+if [[ -z "$base" ]]; then
+  if docker image inspect python:3.11-slim-bookworm >/dev/null 2>&1; then
+    base=python:3.11-slim-bookworm
+  else
+    base="$(bash "$root/hack/kind/node-image.sh" --debian-base)"
+  fi
+fi
+log "base image $base"
+
+build_args=(--build-arg "BASE_IMAGE=$base")
+server_pid=""
+if [[ "${OFFLINE:-1}" != 0 ]]; then
+  wheels="$(bash "$root/hack/wheelhouse.sh")"
+  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  python3 -m http.server --bind 127.0.0.1 --directory "$wheels" "$port" >/dev/null 2>&1 &
+  server_pid=$!
+  trap 'kill $server_pid 2>/dev/null || true' EXIT
+  for _ in $(seq 1 50); do python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')" 2>/dev/null && break; sleep 0.1; done
+  build_args+=(--network host --build-arg "PIP_FIND_LINKS=http://127.0.0.1:$port/")
+fi
+
+for image in "${images[@]}"; do
+  case "$image" in
+    operator) dockerfile="$root/operator/Dockerfile"; target=() ;;
+    finetune|index|serve|finetune-gpu|serve-gpu) dockerfile="$root/workloads/Dockerfile"; target=(--target "$image") ;;
+    *) die "unknown image $image (operator finetune index serve finetune-gpu serve-gpu)" ;;
+  esac
+  tag="ragtune/$image:$version"
+  log "building $tag"
+  start=$(date +%s)
+  DOCKER_BUILDKIT=0 docker build -q "${build_args[@]}" "${target[@]}" -f "$dockerfile" -t "$tag" "$root" >/dev/null \
+    || die "building $tag failed"
+  log "built $tag in $(( $(date +%s) - start ))s ($(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}'))"
+  echo "$tag"
+done

@@ -1,0 +1,3 @@
+module ragtune.io/hack/kind/pause
+
+go 1.24
