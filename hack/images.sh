@@ -25,16 +25,21 @@ if [[ -z "$base" ]]; then
 fi
 log "base image $base"
 
+log_file="$(mktemp)"
 build_args=(--build-arg "BASE_IMAGE=$base")
 server_pid=""
 if [[ "${OFFLINE:-1}" != 0 ]]; then
   wheels="$(bash "$root/hack/wheelhouse.sh")"
-  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-  python3 -m http.server --bind 127.0.0.1 --directory "$wheels" "$port" >/dev/null 2>&1 &
+  # A fixed address, and the wheelhouse's key in the URL: Docker's layer cache then holds exactly as long as the
+  # wheelhouse does (build arguments are part of the cache key).
+  port="${RAGTUNE_WHEELHOUSE_PORT:-36480}"
+  url="http://127.0.0.1:$port/$(basename "$wheels")/"
+  python3 -m http.server --bind 127.0.0.1 --directory "$(dirname "$wheels")" "$port" >/dev/null 2>&1 &
   server_pid=$!
-  trap 'kill $server_pid 2>/dev/null || true' EXIT
-  for _ in $(seq 1 50); do python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')" 2>/dev/null && break; sleep 0.1; done
-  build_args+=(--network host --build-arg "PIP_FIND_LINKS=http://127.0.0.1:$port/")
+  trap 'kill $server_pid 2>/dev/null || true; rm -f "$log_file"' EXIT
+  for _ in $(seq 1 50); do python3 -c "import urllib.request; urllib.request.urlopen('$url')" 2>/dev/null && break; sleep 0.1; done
+  kill -0 "$server_pid" 2>/dev/null || die "cannot serve the wheelhouse on 127.0.0.1:$port (set RAGTUNE_WHEELHOUSE_PORT)"
+  build_args+=(--network host --build-arg "PIP_FIND_LINKS=$url")
 fi
 
 for image in "${images[@]}"; do
@@ -46,8 +51,8 @@ for image in "${images[@]}"; do
   tag="ragtune/$image:$version"
   log "building $tag"
   start=$(date +%s)
-  DOCKER_BUILDKIT=0 docker build -q "${build_args[@]}" "${target[@]}" -f "$dockerfile" -t "$tag" "$root" >/dev/null \
-    || die "building $tag failed"
+  DOCKER_BUILDKIT=0 docker build -q "${build_args[@]}" "${target[@]}" -f "$dockerfile" -t "$tag" "$root" >/dev/null 2>"$log_file" \
+    || { tail -30 "$log_file" >&2; die "building $tag failed"; }
   log "built $tag in $(( $(date +%s) - start ))s ($(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}'))"
   echo "$tag"
 done

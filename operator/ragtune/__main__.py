@@ -36,8 +36,19 @@ def main(argv: list[str] | None = None) -> int:
         namespaces=namespaces,
         standalone=args.standalone,
         liveness_endpoint=args.liveness or None,
+        identity=peering_identity(),
     ))
     return 0
+
+
+def peering_identity() -> str:
+    """Who this replica is among its peers. kopf's default asks the password database for the user name, which
+    has no entry for the arbitrary non-root UIDs pods run as; the pod name is what an operator wants to read."""
+    import secrets
+    import socket
+
+    pod = os.environ.get("POD_NAME") or socket.gethostname()
+    return f"{pod}/{secrets.token_hex(4)}"
 
 
 if __name__ == "__main__":
