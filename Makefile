@@ -64,9 +64,13 @@ verify: ## Fail when generated files drift from the models
 	@$(venv)/bin/python -m ragtune.manifests verify
 
 .PHONY: test
-test: ## Install everything needed and run the whole test suite
+test: ## Install everything needed and run the whole test suite: unit, control plane, kind e2e (Docker, root)
 	@venv=$(venv); bin=$(k8s_bin); \
-	RAGTUNE_K8S_BIN="$$bin" "$$venv/bin/python" -m pytest $(PYTEST_ARGS)
+	RAGTUNE_K8S_BIN="$$bin" "$$venv/bin/python" -m pytest tests e2e $(PYTEST_ARGS)
+
+.PHONY: test-e2e
+test-e2e: ## Run only the e2e tests on the kind cluster (created, images built and loaded as needed)
+	@venv=$(venv); "$$venv/bin/python" -m pytest e2e $(PYTEST_ARGS)
 
 .PHONY: test-unit
 test-unit: ## Run the tests that need no cluster
@@ -81,7 +85,11 @@ rbac: ## Print the operator's ClusterRole (least privilege, from ragtune.rbac)
 	@"$(venv)/bin/python" -m ragtune.rbac
 
 .PHONY: demo
-demo: ## The main job on an embedded default: index, fine-tune, serve, ask; prints the answer with its sources
+demo: ## The main job on kind: cluster, images, chart, samples; asks the endpoint and prints answer + sources
+	@venv=$(venv); "$$venv/bin/python" hack/demo_kind.py
+
+.PHONY: demo-local
+demo-local: ## The same job without a cluster: the workload programs run here, fed the operator's configs
 	@venv=$(venv); "$$venv/bin/python" hack/demo.py
 
 BENCH_ARGS ?= --quick

@@ -15,6 +15,9 @@ import pytest
 
 import stack
 
+# Long waits are bounded inside the tests (each names what it waited for); this only stops a hung session.
+pytestmark = pytest.mark.timeout(3600)
+
 DOCS = sorted(p.name for p in (stack.ROOT / "examples" / "docs").glob("*.md"))
 QUESTION = "How does a GitOps pipeline promote a new adapter without failed requests?"
 

@@ -130,6 +130,9 @@ def test_endpoint_deployment_mounts_adapter_index_and_key_and_rolls_without_down
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
     pod = deployment["spec"]["template"]
     assert pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # the leaving pod serves until its endpoint is gone everywhere, within the default grace period
+    pre_stop = pod["spec"]["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 0 < pre_stop < pod["spec"].get("terminationGracePeriodSeconds", 30)
     assert objs["Service"]["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
 

@@ -12,6 +12,7 @@ from ..api.workload import CONFIG_FILE, CONFIG_MOUNT, AdapterRef, OwnerInfo, Ret
 from . import common
 
 COMPONENT = "serve"
+PRESTOP_SECONDS = 5
 ADAPTER_MOUNT = "/adapters"
 STORE_MOUNT = "/store"
 MODEL_MOUNT = "/model"
@@ -118,6 +119,9 @@ def serve_container(spec: HybridEndpointSpec, mounts: list[dict], command: list[
         container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
         container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20,
                                       "failureThreshold": 6, "initialDelaySeconds": 120}
+        # A pod leaving a rollout keeps serving until the Service has stopped sending it requests (endpoint
+        # removal reaches every node's proxy within a few seconds); only then does SIGTERM drain Ray Serve.
+        container["lifecycle"] = {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}}
     return container
 
 
