@@ -127,15 +127,23 @@ def cluster_up() -> Path:
 def images() -> list[str]:
     """`make images`, then load into the node those whose ID the node does not hold yet."""
     names = hack("images.sh").split()
-    node_ids = set()
-    listing = sh("docker", "exec", NODE, "crictl", "images", "-o", "json", check=False)
-    if listing:
-        node_ids = {image["id"] for image in json.loads(listing)["images"]}
+    load_images(names)
+    return names
+
+
+def load_images(names: list[str]) -> None:
+    """Loads into the node the images whose ID it does not hold yet, and drops what their names pointed to."""
+    listing = json.loads(sh("docker", "exec", NODE, "crictl", "images", "-o", "json"))["images"]
+    node_ids = {image["id"]: image.get("repoTags") or [] for image in listing}
     missing = [n for n in names if sh("docker", "image", "inspect", "-f", "{{.Id}}", n).strip() not in node_ids]
     if missing:
         say(f"loading {' '.join(missing)} into the node (large images take a minute or two)")
         hack("kind/cluster.sh", "load", *missing, capture=False)
-    return names
+        # what these names pointed to before is garbage in the node now
+        loaded = {n if "/" in n.split(":")[0] and "." in n.split("/")[0] else f"docker.io/{n}" for n in missing}
+        stale = [i for i, tags in node_ids.items() if tags and set(tags) <= loaded]
+        for image_id in stale:
+            sh("docker", "exec", NODE, "crictl", "rmi", image_id, check=False)
 
 
 def install_chart(kind: Kind, version: str) -> None:

@@ -42,9 +42,9 @@ def test_finetunejob_trains_and_reports_the_adapter_digest(kind, namespace):
     status = stack.status(job)
     assert status["phase"] == "Succeeded"
     progress = status["progress"]
-    assert progress["step"] == progress["totalSteps"] == 12, progress
-    assert progress["loss"] > 0
+    assert progress["step"] == progress["totalSteps"] == 12 and progress["loss"] > 0, progress
     artifact = status["artifact"]
+    assert artifact["metrics"]["trainSteps"] == 12 and artifact["metrics"]["trainLoss"] > 0, artifact["metrics"]
     assert artifact["digest"].startswith("sha256:") and artifact["baseModel"] == "ragtune/tiny-llama"
     adapter = stack.DATA / "adapters" / "faq-v1" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file(), sorted(p.name for p in adapter.parent.iterdir())

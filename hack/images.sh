@@ -49,10 +49,14 @@ for image in "${images[@]}"; do
     *) die "unknown image $image (operator finetune index serve finetune-gpu serve-gpu)" ;;
   esac
   tag="ragtune/$image:$version"
+  previous="$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)"
   log "building $tag"
   start=$(date +%s)
   DOCKER_BUILDKIT=0 docker build -q "${build_args[@]}" "${target[@]}" -f "$dockerfile" -t "$tag" "$root" >/dev/null 2>"$log_file" \
     || { tail -30 "$log_file" >&2; die "building $tag failed"; }
   log "built $tag in $(( $(date +%s) - start ))s ($(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}'))"
+  current="$(docker image inspect -f '{{.Id}}' "$tag")"
+  # the image this tag named before is removed (the layers it shares with the new one stay)
+  if [[ -n "$previous" && "$previous" != "$current" ]]; then docker rmi "$previous" >/dev/null 2>&1 || true; fi
   echo "$tag"
 done

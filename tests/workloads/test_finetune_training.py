@@ -310,6 +310,18 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model):
     assert steps_logged == list(range(1, 61))
 
 
+def test_checkpoints_of_another_finetunejob_are_not_resumed(tmp_path):
+    from ragtune_workloads.finetune.artifacts import claim_checkpoints
+
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert not claim_checkpoints(checkpoints, "uid-a")          # a first run claims an empty folder
+    (checkpoints / "checkpoint-12").mkdir()
+    assert not claim_checkpoints(checkpoints, "uid-a")          # its retry keeps what it saved
+    assert (checkpoints / "checkpoint-12").is_dir()
+    assert claim_checkpoints(checkpoints, "uid-b")              # another job at the same path starts over
+    assert not (checkpoints / "checkpoint-12").exists() and (checkpoints / "owner").read_text() == "uid-b\n"
+
+
 # ---------------------------------------------------------------- NVIDIA GPU path
 
 def gpu_skip_reason(needs_unsloth: bool) -> str | None:

@@ -61,6 +61,23 @@ def tree_digest(root: Path) -> str:
     return manifest_digest(file_manifest(root))
 
 
+OWNER_FILE = "owner"
+
+
+def claim_checkpoints(checkpoint_dir: Path, owner: str) -> bool:
+    """Checkpoints are resumed only by the run that wrote them: a retry of the same FineTuneJob (same owner id).
+    Checkpoints another FineTuneJob left at the same output path are removed, not resumed — resuming them would
+    skip training and publish that job's weights under this one's name. Returns whether a foreign set was dropped."""
+    marker = checkpoint_dir / OWNER_FILE
+    dropped = False
+    if checkpoint_dir.is_dir() and (not marker.is_file() or marker.read_text().strip() != owner):
+        shutil.rmtree(checkpoint_dir)
+        dropped = True
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(owner + "\n")
+    return dropped
+
+
 def check_adapter_layout(adapter_dir: Path) -> None:
     missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
     if missing:

@@ -100,6 +100,9 @@ def train_evaluate_export(config: FineTuneConfig, prepared: Prepared, progress) 
     model, tokenizer = load_model_and_tokenizer(plan, spec)
     eval_records = to_records(tokenizer, prepared.validation)
     checkpoint_dir = output / artifacts.CHECKPOINT_DIR
+    owner = config.owner.uid or f"{config.owner.namespace}/{config.owner.name}"
+    if artifacts.claim_checkpoints(checkpoint_dir, owner):
+        log.warning("removed checkpoints another FineTuneJob left in %s; training from the start", output)
     trainer = build_trainer(plan, spec, model, tokenizer, to_records(tokenizer, prepared.train), eval_records,
                             checkpoint_dir, [progress])
     resume_from = last_complete_checkpoint(checkpoint_dir)
