@@ -157,6 +157,9 @@ def test_rayservice_runtime_renders_serve_config_v2_from_the_same_config():
     assert app["deployments"][0]["autoscaling_config"]["max_replicas"] == 4
     head = objs["RayService"]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     assert any(v.get("configMap", {}).get("name") == "demo-config" for v in head["volumes"])
+    # probes of its own, so KubeRay does not inject its wget-based ones (the image has no wget)
+    ray = head["containers"][0]
+    assert ray["readinessProbe"]["httpGet"]["port"] == "dashboard" and "exec" not in ray["livenessProbe"]
 
 
 def test_configs_round_trip_through_json_for_the_workloads():

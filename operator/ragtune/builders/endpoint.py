@@ -186,6 +186,13 @@ def rayservice(owner, spec, n, labels, volumes, mounts, config_digest) -> dict[s
     container = serve_container(spec, mounts, None)
     container["ports"] = [{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
                           {"name": "serve", "containerPort": 8000}]
+    # Probes of our own: KubeRay only injects its defaults (wget exec probes) where a container has none, and the
+    # serve image carries no wget. The head is ready and alive while its GCS answers through the dashboard;
+    # whether it takes Serve traffic is KubeRay's ray.io/serve label, which ragtune's Service selects on.
+    container["readinessProbe"] = {"httpGet": {"path": "/api/gcs_healthz", "port": "dashboard"},
+                                   "periodSeconds": 5, "failureThreshold": 6}
+    container["livenessProbe"] = {"httpGet": {"path": "/api/gcs_healthz", "port": "dashboard"},
+                                  "periodSeconds": 10, "failureThreshold": 12, "initialDelaySeconds": 30}
     pod = {"metadata": {"labels": labels, "annotations": {"ragtune.io/config-digest": config_digest}},
            "spec": {"serviceAccountName": common.WORKLOAD_SERVICE_ACCOUNT,
                     "securityContext": common.restricted_pod_security(),
