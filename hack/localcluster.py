@@ -42,7 +42,7 @@ class ClusterError(RuntimeError):
 @dataclass(frozen=True)
 class Ports:
     etcd: int = PORT_BASE + 79
-    etcd_peer: int = PORT_BASE + 80
+    etcd_peer: int = PORT_BASE + 81   # +80 is the wheelhouse `make images` serves while tests run
     apiserver: int = PORT_BASE + 43
     controller_manager: int = PORT_BASE + 57
     scheduler: int = PORT_BASE + 59
