@@ -80,6 +80,7 @@ def endpoint_url(kind, namespace):
     return stack.node_port_url(kind, "faq", namespace)
 
 
+@pytest.mark.serving
 def test_endpoint_answers_with_sources_through_its_service(kind, namespace, endpoint_url):
     response = ask(endpoint_url)
     assert isinstance(response.choices[0].message.content, str) and response.choices[0].message.content
@@ -89,6 +90,7 @@ def test_endpoint_answers_with_sources_through_its_service(kind, namespace, endp
     assert {s["document"] for s in sources} <= set(DOCS), sources
 
 
+@pytest.mark.serving
 def test_a_changed_document_is_reindexed_incrementally(kind, namespace, endpoint_url):
     before = stack.status(kind.get("vectorindex.ragtune.io", "docs", namespace))
     changed = stack.DATA / "docs" / DOCS[0]
@@ -112,6 +114,7 @@ def test_a_changed_document_is_reindexed_incrementally(kind, namespace, endpoint
     assert any(s["document"] == DOCS[0] for s in answer.model_extra["sources"]), answer.model_extra["sources"]
 
 
+@pytest.mark.serving
 def test_a_new_adapter_rolls_out_with_no_failed_request(kind, namespace, endpoint_url):
     v2 = stack.sample("finetunejob.yaml", namespace)[0]
     v2["metadata"]["name"] = "faq-v2"

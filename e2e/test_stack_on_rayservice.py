@@ -10,7 +10,7 @@ import pytest
 
 import stack
 
-pytestmark = pytest.mark.timeout(3600)
+pytestmark = [pytest.mark.timeout(3600), pytest.mark.serving]
 KUBERAY_NAMESPACE = "kuberay-system"
 
 

@@ -146,6 +146,18 @@ def test_a_new_adapter_changes_the_pod_template_so_the_deployment_rolls():
     assert first["metadata"]["name"] == second["metadata"]["name"]
 
 
+def test_endpoint_embeds_queries_with_the_model_files_the_index_was_built_with():
+    on_pvc = endpoint.ResolvedIndex(**{**INDEX.__dict__, "embedding_claim": "models", "embedding_path": "minilm"})
+    objs = by_kind(endpoint.build(body("HybridEndpoint"), HybridEndpointSpec.model_validate(HEP), "deployment",
+                                  ADAPTER, on_pvc))
+    config = json.loads(objs["ConfigMap"]["data"]["config.json"])
+    assert config["retrieval"]["modelPath"] == "/embedding-model/minilm"
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    assert {"name": "embedding-model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} \
+        in pod["volumes"]
+    assert any(m["mountPath"] == "/embedding-model" for m in pod["containers"][0]["volumeMounts"])
+
+
 def test_rayservice_runtime_renders_serve_config_v2_from_the_same_config():
     spec = HybridEndpointSpec.model_validate({**HEP, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}})
     objs = by_kind(endpoint.build(body("HybridEndpoint"), spec, "rayservice", ADAPTER, INDEX))

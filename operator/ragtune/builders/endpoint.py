@@ -18,6 +18,7 @@ STORE_MOUNT = "/store"
 MODEL_MOUNT = "/model"
 RAY_VERSION = "2.60.0"
 SERVE_IMPORT_PATH = "ragtune_workloads.serve.app:build_app"
+EMBEDDING_MOUNT = "/embedding-model"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class ResolvedIndex:
     claim_name: str | None = None
     sub_path: str = ""
     query_prefix: str = ""
+    embedding_claim: str | None = None   # the volume holding the embedding model, when the index loads it from a PVC
+    embedding_path: str = ""
 
 
 def names(owner: OwnerInfo) -> dict[str, str]:
@@ -66,8 +69,11 @@ def workload_config(owner: OwnerInfo, spec: HybridEndpointSpec, adapter: Resolve
         uri = index.store_uri
         if index.claim_name:
             uri = f"{STORE_MOUNT}/{index.sub_path}".rstrip("/")
+        # queries are embedded by the very model files the index was built with
+        model_path = (f"{EMBEDDING_MOUNT}/{index.embedding_path.lstrip('/')}".rstrip("/")
+                      if index.embedding_claim else None)
         retrieval = RetrievalTarget(store_uri=uri, collection=index.collection, embedding_model=index.embedding_model,
-                                    query_prefix=index.query_prefix)
+                                    model_path=model_path, query_prefix=index.query_prefix)
     model_path = None
     if spec.model.source == "pvc" and spec.model.pvc:
         model_path = f"{MODEL_MOUNT}/{spec.model.pvc.path.lstrip('/')}".rstrip("/")
@@ -91,6 +97,10 @@ def _volumes(spec: HybridEndpointSpec, config_name: str, adapter: ResolvedAdapte
     if index and index.claim_name:
         volumes.append({"name": "store", "persistentVolumeClaim": {"claimName": index.claim_name}})
         mounts.append({"name": "store", "mountPath": STORE_MOUNT})
+    if index and index.embedding_claim:
+        volumes.append({"name": "embedding-model", "persistentVolumeClaim": {"claimName": index.embedding_claim,
+                                                                              "readOnly": True}})
+        mounts.append({"name": "embedding-model", "mountPath": EMBEDDING_MOUNT, "readOnly": True})
     if spec.model.source == "pvc" and spec.model.pvc:
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.pvc.claim_name,
                                                                     "readOnly": True}})

@@ -119,6 +119,9 @@ def resolve_index(spec: HybridEndpointSpec, namespace: str) -> builder.ResolvedI
         store_uri=index_builder.store_uri(owner, vspec),
         embedding_model=status.get("embeddingModel") or vspec.embedding.model, version=status.get("activeVersion"),
         claim_name=claim[0] if claim else None, query_prefix=vspec.embedding.query_prefix,
+        embedding_claim=vspec.embedding.pvc.claim_name if vspec.embedding.source == "pvc" and vspec.embedding.pvc
+        else None,
+        embedding_path=vspec.embedding.pvc.path if vspec.embedding.source == "pvc" and vspec.embedding.pvc else "",
         sub_path=index_builder.store_uri(owner, vspec).removeprefix(index_builder.STORE_MOUNT).strip("/") if claim
         else "")
 
