@@ -32,6 +32,7 @@ def kind():
         kind = stack.Kind(kubeconfig)
         stack.images()
         stack.install_chart(kind, stack.project_version())
+        stack.remove_stale_namespaces(kind)
         stack.stage_data()
     except Exception as exc:  # noqa: BLE001 — reported as the e2e's failure, with the cause
         pytest.fail(f"the kind cluster could not be prepared: {exc}", pytrace=False)
@@ -43,7 +44,8 @@ def kind():
 @pytest.fixture(scope="module")
 def namespace(kind):
     name = f"e2e-{secrets.token_hex(3)}"
-    kind.kubectl("create", "namespace", name)
+    kind.apply({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name, "labels": {stack.E2E_LABEL: "true"}}})
     kind.apply(stack.volumes(name))
     yield name
     kind.kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -148,9 +148,22 @@ def load_images(names: list[str]) -> None:
 
 def install_chart(kind: Kind, version: str) -> None:
     say("installing the chart")
+    # The tag stays the project version while the image changes under it: the image ID as a pod annotation
+    # rolls the operator whenever a new build was loaded.
+    image_id = sh("docker", "image", "inspect", "-f", "{{.Id}}", f"ragtune/operator:{version}").strip()
     kind.helm("upgrade", "--install", RELEASE, str(ROOT / "charts" / "ragtune"), "--namespace", RELEASE_NAMESPACE,
               "--create-namespace", "--wait", "--timeout", "180s", "--set", f"image.tag={version}",
-              "--set", "image.pullPolicy=IfNotPresent", "--set", "logLevel=debug")
+              "--set", "image.pullPolicy=IfNotPresent", "--set", "logLevel=debug",
+              "--set-string", f"podAnnotations.ragtune\\.io/image-id={image_id.replace(':', '-')}")
+
+
+E2E_LABEL = "ragtune.io/e2e"
+
+
+def remove_stale_namespaces(kind: Kind) -> None:
+    """Namespaces (and their volumes) a killed session left behind: their pods would hold the node's capacity."""
+    kind.kubectl("delete", "namespace", "-l", f"{E2E_LABEL}=true", "--wait=true", timeout=300, check=False)
+    kind.kubectl("delete", "pv", "-l", "ragtune.io/e2e-namespace", "--wait=false", check=False)
 
 
 def stage_data() -> None:

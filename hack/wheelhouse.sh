@@ -19,25 +19,7 @@ if compgen -G "$wheels/torch-*+cpu-*.whl" >/dev/null; then torch_args=(--find-li
 
 
 requirements() {  # extras (comma-separated) -> requirement lines
-  "$python" - "$root/pyproject.toml" "$1" <<'PY'
-import re, sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-extras, seen, out = project["optional-dependencies"], set(), list(project["dependencies"])
-def add(name):
-    if name in seen:
-        return
-    seen.add(name)
-    for req in extras[name]:
-        m = re.fullmatch(r"ragtune\[([^\]]+)\]", req.strip())
-        if m:
-            for sub in m.group(1).split(","):
-                add(sub.strip())
-        else:
-            out.append(req)
-for name in sys.argv[2].split(","):
-    add(name)
-print("\n".join(out))
-PY
+  "$python" "$root/hack/requirements.py" "$root/pyproject.toml" "$1"
 }
 
 # keyed by what is resolved (not by the rest of pyproject.toml)
