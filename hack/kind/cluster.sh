@@ -77,7 +77,7 @@ load() {
   [[ $# -gt 0 ]] || die "usage: cluster.sh load IMAGE..."
   log "loading $* into $(node)"
   # one archive holds the layers the images share once
-  docker save "$@" | docker exec -i "$(node)" ctr --namespace=k8s.io images import --all-platforms --digests - >/dev/null
+  docker save "$@" | docker exec -i "$(node)" ctr --namespace=k8s.io images import --all-platforms - >/dev/null
 }
 
 down() {
