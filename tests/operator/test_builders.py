@@ -158,6 +158,20 @@ def test_endpoint_embeds_queries_with_the_model_files_the_index_was_built_with()
     assert any(m["mountPath"] == "/embedding-model" for m in pod["containers"][0]["volumeMounts"])
 
 
+def test_a_claim_used_twice_is_one_volume_mounted_twice():
+    """The kubelet never mounts a pod whose two volumes name the same claim: base model and embedding model on
+    one PVC must share a volume."""
+    on_pvc = endpoint.ResolvedIndex(**{**INDEX.__dict__, "embedding_claim": "models", "embedding_path": "minilm"})
+    spec = HybridEndpointSpec.model_validate({**HEP, "model": {**HEP["model"], "source": "pvc",
+                                                               "pvc": {"claimName": "models", "path": "llama"}}})
+    pod = by_kind(endpoint.build(body("HybridEndpoint"), spec, "deployment", ADAPTER, on_pvc))["Deployment"][
+        "spec"]["template"]["spec"]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims.count("models") == 1
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/embedding-model"] == mounts["/model"]
+
+
 def test_rayservice_runtime_renders_serve_config_v2_from_the_same_config():
     spec = HybridEndpointSpec.model_validate({**HEP, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}})
     objs = by_kind(endpoint.build(body("HybridEndpoint"), spec, "rayservice", ADAPTER, INDEX))

@@ -90,21 +90,28 @@ def _volumes(spec: HybridEndpointSpec, config_name: str, adapter: ResolvedAdapte
              index: ResolvedIndex | None) -> tuple[list[dict], list[dict]]:
     volume, mount = common.config_volume(config_name)
     volumes, mounts = [volume], [mount]
+    claims: dict[str, dict] = {}
+
+    def claim(name: str, claim_name: str, mount_path: str, read_only: bool) -> None:
+        # One volume per claim: the kubelet never finishes mounting a claim that two volumes of a pod name
+        # (the model and the embedding model often share one), so a second use is another mount of the first.
+        existing = claims.get(claim_name)
+        if existing is None:
+            existing = {"name": name, "persistentVolumeClaim": {"claimName": claim_name, "readOnly": read_only}}
+            claims[claim_name] = existing
+            volumes.append(existing)
+        elif not read_only:
+            existing["persistentVolumeClaim"]["readOnly"] = False
+        mounts.append({"name": existing["name"], "mountPath": mount_path, "readOnly": read_only})
+
     if adapter and adapter.claim_name:
-        volumes.append({"name": "adapter", "persistentVolumeClaim": {"claimName": adapter.claim_name,
-                                                                      "readOnly": True}})
-        mounts.append({"name": "adapter", "mountPath": f"{ADAPTER_MOUNT}/{adapter.name}", "readOnly": True})
+        claim("adapter", adapter.claim_name, f"{ADAPTER_MOUNT}/{adapter.name}", True)
     if index and index.claim_name:
-        volumes.append({"name": "store", "persistentVolumeClaim": {"claimName": index.claim_name}})
-        mounts.append({"name": "store", "mountPath": STORE_MOUNT})
+        claim("store", index.claim_name, STORE_MOUNT, False)
     if index and index.embedding_claim:
-        volumes.append({"name": "embedding-model", "persistentVolumeClaim": {"claimName": index.embedding_claim,
-                                                                              "readOnly": True}})
-        mounts.append({"name": "embedding-model", "mountPath": EMBEDDING_MOUNT, "readOnly": True})
+        claim("embedding-model", index.embedding_claim, EMBEDDING_MOUNT, True)
     if spec.model.source == "pvc" and spec.model.pvc:
-        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.pvc.claim_name,
-                                                                    "readOnly": True}})
-        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+        claim("model", spec.model.pvc.claim_name, MODEL_MOUNT, True)
     if spec.api_key_secret:
         volumes.append({"name": "api-key", "secret": {"secretName": spec.api_key_secret}})
         mounts.append({"name": "api-key", "mountPath": "/var/run/ragtune/api-key", "readOnly": True})
