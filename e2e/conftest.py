@@ -31,8 +31,8 @@ def kind():
         kubeconfig = stack.cluster_up()
         kind = stack.Kind(kubeconfig)
         stack.images()
+        stack.remove_stale_namespaces(kind)   # first: their pods would hold the capacity the operator needs
         stack.install_chart(kind, stack.project_version())
-        stack.remove_stale_namespaces(kind)
         stack.stage_data()
     except Exception as exc:  # noqa: BLE001 — reported as the e2e's failure, with the cause
         pytest.fail(f"the kind cluster could not be prepared: {exc}", pytrace=False)
