@@ -38,7 +38,8 @@ def test_endpoint_waits_for_its_references_then_serves_them(kube, namespace):
     assert kube.get("v1", "Service", "chat", namespace)["spec"]["ports"][0]["port"] == 8000
     config = served_config(kube, namespace, "chat")
     assert config["adapter"]["digest"] == "sha256:" + "1" * 64
-    assert config["retrieval"]["collection"] == "docs_v1"
+    # the alias readers follow across versions, not the versioned collection behind it
+    assert config["retrieval"]["collection"] == f"{namespace}_docs".replace("-", "_")
     st = ready["status"]
     assert st["runtime"] == "deployment" and st["readyReplicas"] == 1
     assert st["url"] == f"http://chat.{namespace}.svc.cluster.local:8000/v1"

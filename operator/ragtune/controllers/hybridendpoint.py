@@ -115,7 +115,9 @@ def resolve_index(spec: HybridEndpointSpec, namespace: str) -> builder.ResolvedI
     owner = common.owner_info(vix)
     claim = index_builder.store_claim(owner, vspec)
     return builder.ResolvedIndex(
-        name=ref, collection=status.get("activeCollection") or index_builder.collection_name(owner, vspec),
+        # readers open the alias (milvus-lite: <root>/<alias>/current.json; a server: the Milvus alias), which the
+        # index swaps to each new version; the versioned collection behind it is the index's business
+        name=ref, collection=index_builder.collection_name(owner, vspec),
         store_uri=index_builder.store_uri(owner, vspec),
         embedding_model=status.get("embeddingModel") or vspec.embedding.model, version=status.get("activeVersion"),
         claim_name=claim[0] if claim else None, query_prefix=vspec.embedding.query_prefix,
