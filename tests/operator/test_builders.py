@@ -170,6 +170,9 @@ def test_a_claim_used_twice_is_one_volume_mounted_twice():
     assert claims.count("models") == 1
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
     assert mounts["/embedding-model"] == mounts["/model"]
+    # vLLM needs more shared memory than a container's 64 MiB default
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in pod["volumes"]
+    assert mounts["/dev/shm"] == "dshm"
 
 
 def test_rayservice_runtime_renders_serve_config_v2_from_the_same_config():

@@ -13,6 +13,7 @@ from . import common
 
 COMPONENT = "serve"
 PRESTOP_SECONDS = 5
+SHM_SIZE = "1Gi"
 ADAPTER_MOUNT = "/adapters"
 STORE_MOUNT = "/store"
 MODEL_MOUNT = "/model"
@@ -117,6 +118,9 @@ def _volumes(spec: HybridEndpointSpec, config_name: str, adapter: ResolvedAdapte
         mounts.append({"name": "api-key", "mountPath": "/var/run/ragtune/api-key", "readOnly": True})
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    # vLLM's engine and Ray's object store share memory through /dev/shm; a container's default is 64 MiB.
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}})
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return volumes, mounts
 
 
