@@ -85,12 +85,12 @@ rbac: ## Print the operator's ClusterRole (least privilege, from ragtune.rbac)
 	@"$(venv)/bin/python" -m ragtune.rbac
 
 .PHONY: demo
-demo: ## The main job on kind: cluster, images, chart, samples; asks the endpoint and prints answer + sources
-	@venv=$(venv); "$$venv/bin/python" hack/demo_kind.py
-
-.PHONY: demo-local
-demo-local: ## The same job without a cluster: the workload programs run here, fed the operator's configs
+demo: ## The main job on an embedded default: index, fine-tune, serve, ask; prints the answer with its sources
 	@venv=$(venv); "$$venv/bin/python" hack/demo.py
+
+.PHONY: demo-kind
+demo-kind: ## The same job on kind: cluster, images, chart, samples (serving on kind not yet verified)
+	@venv=$(venv); "$$venv/bin/python" hack/demo_kind.py
 
 BENCH_ARGS ?= --quick
 .PHONY: bench bench-operator bench-index bench-finetune bench-serve
