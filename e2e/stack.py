@@ -105,15 +105,16 @@ class Kind:
         return "\n".join(parts)
 
 
+def kind_binary() -> str:
+    return str(Path(hack("kind/build-bins.sh")) / "kind")
+
+
 def cluster_exists() -> bool:
-    kind = Path(hack("kind/build-bins.sh")) / "kind"
-    result = subprocess.run([str(kind), "get", "clusters"], capture_output=True, text=True)
-    return CLUSTER in result.stdout.split()
+    return CLUSTER in sh(kind_binary(), "get", "clusters", check=False).split()
 
 
 def cluster_delete() -> None:
-    kind = Path(hack("kind/build-bins.sh")) / "kind"
-    sh(str(kind), "delete", "cluster", "--name", CLUSTER, check=False)
+    sh(kind_binary(), "delete", "cluster", "--name", CLUSTER, check=False)
 
 
 def cluster_up() -> Path:
