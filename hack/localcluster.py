@@ -384,6 +384,9 @@ def _start_all(bins: dict[str, Path], say) -> None:
         f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
         "--use-service-account-credentials=false", "--controllers=*,-nodeipam,-cloud-node-lifecycle",
         f"--cert-dir={pki / 'kcm'}", "--concurrent-job-syncs=10",
+        # kwok renews the fake nodes' leases; on a loaded 2-core machine a renewal can come late, and a node marked
+        # NotReady turns its pods unready under the tests' feet.
+        "--node-monitor-grace-period=5m",
     ])
     scheduler = start_process("kube-scheduler", [
         str(bins["kube-scheduler"]), *common, f"--secure-port={PORTS.scheduler}", f"--cert-dir={pki / 'sched'}",

@@ -83,7 +83,11 @@ def wait_ready(kube, kind: str, name: str, namespace: str, value: str = "True", 
         if cond and cond["status"] == value and (reason is None or cond["reason"] == reason):
             return obj
         return None
-    return kube.wait_for(check, f"{kind}/{name} Ready={value}" + (f" ({reason})" if reason else ""), timeout)
+    try:
+        return kube.wait_for(check, f"{kind}/{name} Ready={value}" + (f" ({reason})" if reason else ""), timeout)
+    except AssertionError as exc:
+        conditions = ((kube.get(API, kind, name, namespace) or {}).get("status") or {}).get("conditions")
+        raise AssertionError(f"{exc}; conditions: {conditions}") from None
 
 
 def finish_finetune(kube, namespace, name, digest):

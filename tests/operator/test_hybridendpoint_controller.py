@@ -59,7 +59,8 @@ def test_changing_the_adapter_reference_rolls_the_endpoint_in_place(kube, namesp
     waiting = kube.wait_for(lambda: (lambda o: o if kube.condition(o, "ReferencesReady")["status"] == "False"
                                      else None)(kube.get(API, "HybridEndpoint", "chat", namespace)),
                             "the endpoint to wait for ft-v2")
-    assert kube.condition(waiting, "Ready")["status"] == "True"
+    assert kube.condition(waiting, "Ready")["status"] == "True", (
+        waiting["status"]["conditions"], kube.get("apps/v1", "Deployment", "chat", namespace).get("status"))
     assert waiting["status"]["served"]["adapter"] == "ft-v1"
 
     finish_finetune(kube, namespace, "ft-v2", "sha256:" + "2" * 64)

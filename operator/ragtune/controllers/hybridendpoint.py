@@ -216,11 +216,14 @@ def refresh(key: tuple[str, str, str], unresolved: Unresolved | None = None) -> 
     if served:
         fields["served"] = served
     shared.write_status(PLURAL, owner, fields, conds)
+    if runtime == "rayservice" and key in DESIRED:
+        schedule_resync(key, c.is_true(conds, c.READY))
 
 
 def compact_workload(body: dict[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     return {"kind": body.get("kind"), "metadata": {"name": meta.get("name"), "generation": meta.get("generation"),
+                                                   "resourceVersion": meta.get("resourceVersion"),
                                                    "labels": dict(meta.get("labels") or {})},
             "status": dict(body.get("status") or {})}
 
@@ -243,6 +246,35 @@ async def deployment_changed(body: kopf.Body, namespace: str, labels: dict[str, 
 async def rayservice_changed(body: kopf.Body, namespace: str, labels: dict[str, str],
                              type: str | None, **_: Any) -> None:
     workload_changed("RayService", dict(body), namespace, labels, type)
+
+
+# KubeRay is often installed after the operator starts, and the API server can announce a new CRD a moment
+# before it serves it: a watch started in that moment never sees the RayServices. Their state is therefore also
+# read back on a slow cadence (faster while the endpoint is not Ready yet), which heals any missed event.
+RESYNC_SECONDS = {"ready": 60.0, "pending": 5.0}
+
+
+def schedule_resync(key: tuple[str, str, str], ready: bool) -> None:
+    shared.request_refresh((f"{KIND}/resync", key[1], key[2]), lambda: resync(key), work="resync",
+                           delay=RESYNC_SECONDS["ready" if ready else "pending"])
+
+
+def resync(key: tuple[str, str, str]) -> None:
+    owner = cache.OWNERS.get(key)
+    if owner is None or owner["metadata"].get("deletionTimestamp") or key not in DESIRED:
+        return
+    if runtime_for(parse_spec(owner["spec"])) != "rayservice":
+        return
+    _, namespace, name = key
+    current = shared.api().get("ray.io/v1", "RayService", name, namespace)
+    labels = ((current or {}).get("metadata") or {}).get("labels") or {}
+    if current is not None and labels.get(f"ragtune.io/{KIND.lower()}") == name:
+        cached = next((w for w in cache.JOBS.get(key) if w.get("kind") == "RayService"), None)
+        if cached is None or cached["metadata"].get("resourceVersion") != current["metadata"].get("resourceVersion"):
+            workload_changed("RayService", current, namespace, labels, "MODIFIED")
+    ready = any(x.get("type") == "Ready" and x.get("status") == "True"
+                for x in ((current or {}).get("status") or {}).get("conditions") or [])
+    schedule_resync(key, ready)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -130,9 +130,10 @@ class Refresher:
         self._due: dict[tuple[str, str, str], tuple[float, dict[str, Callable[[], None]]]] = {}
         self._threads: list[threading.Thread] = []
 
-    def schedule(self, key: tuple[str, str, str], run: Callable[[], None], work: str) -> None:
+    def schedule(self, key: tuple[str, str, str], run: Callable[[], None], work: str,
+                 delay: float | None = None) -> None:
         with self._cond:
-            due, pending = self._due.get(key, (time.monotonic() + self.delay, {}))
+            due, pending = self._due.get(key, (time.monotonic() + (self.delay if delay is None else delay), {}))
             pending.setdefault(work, run)
             self._due[key] = (due, pending)
             self._cond.notify()
@@ -169,8 +170,9 @@ class Refresher:
 REFRESHER = Refresher()
 
 
-def request_refresh(key: tuple[str, str, str], run: Callable[[], None], work: str = "refresh") -> None:
-    REFRESHER.schedule(key, run, work)
+def request_refresh(key: tuple[str, str, str], run: Callable[[], None], work: str = "refresh",
+                    delay: float | None = None) -> None:
+    REFRESHER.schedule(key, run, work, delay)
 
 
 def compact_owner(body: dict[str, Any]) -> dict[str, Any]:
