@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -250,7 +251,17 @@ def node_port_url(kind: Kind, service: str, namespace: str) -> str:
     kind.apply(twin)
     port = kind.get("service", f"{service}-nodeport", namespace)["spec"]["ports"][0]["nodePort"]
     address = sh("docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", NODE).strip()
-    return f"http://{address}:{port}"
+    url = f"http://{address}:{port}"
+
+    def answering():  # kube-proxy programs a new NodePort within its sync period
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
+                return response.status == 200 or None
+        except OSError:
+            return None
+
+    kind.wait_for(answering, f"{url}/v1/models to answer", 120)
+    return url
 
 
 def project_version() -> str:

@@ -19,6 +19,8 @@ import stack
 pytestmark = pytest.mark.timeout(3600)
 
 DOCS = sorted(p.name for p in (stack.ROOT / "examples" / "docs").glob("*.md"))
+# A document is named by its source (the claim "docs") and its path there.
+DOC_IDS = {f"docs/{name}" for name in DOCS}
 QUESTION = "How does a GitOps pipeline promote a new adapter without failed requests?"
 
 
@@ -87,7 +89,7 @@ def test_endpoint_answers_with_sources_through_its_service(kind, namespace, endp
     assert response.usage.completion_tokens > 0
     sources = (response.model_extra or {}).get("sources") or []
     assert sources, response
-    assert {s["document"] for s in sources} <= set(DOCS), sources
+    assert {s["document"] for s in sources} <= DOC_IDS, sources
 
 
 @pytest.mark.serving
@@ -100,18 +102,21 @@ def test_a_changed_document_is_reindexed_incrementally(kind, namespace, endpoint
 
     def refreshed():
         status = stack.status(kind.get("vectorindex.ragtune.io", "docs", namespace))
-        progress = status.get("progress") or {}
-        done = status.get("lastRunTime") != before.get("lastRunTime") and status.get("phase") == "Ready"
-        return status if done and progress.get("documents") is not None else None
+        done = status.get("lastRunTime") != before.get("lastRunTime") and status.get("phase") == "Succeeded"
+        ready = (stack.condition({"status": status}, "Ready") or {}).get("status") == "True"
+        return status if done and ready else None
 
     status = kind.wait_for(refreshed, "the refresh to finish", 600, on_timeout=lambda: kind.describe(namespace))
     progress = status["progress"]
-    assert progress["documents"] == 1, progress            # only the changed file was embedded again
-    assert progress["kept"] > 0 and progress["added"] > 0, progress
+    # only the new section was embedded; the other chunks were kept from the previous version
+    assert progress["embedded"] == progress["added"] == 1, progress
+    assert progress["kept"] == before["chunks"] and progress["removed"] == 0, progress
+    assert set(progress) == {"added", "kept", "removed", "embedded", "skipped"}, progress
     assert status["documents"] == len(DOCS)
     assert status["chunks"] > before["chunks"], (before, status)
     answer = ask(endpoint_url, "How do I roll back an adapter?")
-    assert any(s["document"] == DOCS[0] for s in answer.model_extra["sources"]), answer.model_extra["sources"]
+    sources = answer.model_extra["sources"]
+    assert any(s["document"] == f"docs/{DOCS[0]}" for s in sources), sources
 
 
 @pytest.mark.serving

@@ -169,7 +169,7 @@ def vectorindex(job: dict | None, pods: list[dict], previous: dict[str, Any]) ->
             status["lastDurationSeconds"] = result.get("durationSeconds")
             status["lastRunTime"] = (job.get("status") or {}).get("completionTime")
             status["progressText"] = "done"
-            status["progress"] = {k: result[k] for k in ("added", "kept", "removed") if k in result}
+            status["progress"] = {k: result[k] for k in ("added", "kept", "removed", "embedded") if k in result}
             skipped = result.get("skipped") or []
             status["progress"]["skipped"] = result.get("skippedTotal") or len(skipped)
             status["skippedFiles"] = [{"path": str(f.get("path")), "reason": str(f.get("reason"))}

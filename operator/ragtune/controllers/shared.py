@@ -104,7 +104,7 @@ def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desi
     changes = {k: v for k, v in new_status.items() if current.get(k) != v}
     if not changes:
         return current
-    if api().patch_status(plural, meta["name"], meta["namespace"], changes) is None:
+    if api().patch_status(plural, meta["name"], meta["namespace"], replacing(current, changes)) is None:
         return current  # the object is gone
     cache.STATUS.put(uid_key, generation or 0, {**current, **changes})
     if events:
@@ -114,6 +114,19 @@ def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desi
             kind = "Warning" if cond["reason"] in WARNING_REASONS else "Normal"
             api().event(body, kind, cond["reason"], f"{cond['type']}={cond['status']}: {cond['message']}")
     return {**current, **changes}
+
+
+def replacing(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch that replaces the changed fields: a JSON merge patch merges objects, so keys the new value no
+    longer has (a running Job's progress counters, say) are nulled instead of lingering."""
+    patch: dict[str, Any] = {}
+    for key, value in changes.items():
+        old = current.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            patch[key] = {**{k: None for k in old if k not in value}, **replacing(old, value)}
+        else:
+            patch[key] = value
+    return patch
 
 
 class Refresher:
