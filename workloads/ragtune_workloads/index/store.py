@@ -149,23 +149,24 @@ def insert_rows(client, collection: str, rows: Rows) -> None:
                                                   rows.texts[first:last], rows.metadata[first:last])])
 
 
-def finish_collection(client, info: VersionInfo, rows: int) -> None:
-    """flush, build the index, load, and check every row is there before anyone may read it."""
+def finish_collection(client, info: VersionInfo, rows: int, wait_for_index: bool = True) -> None:
+    """flush, build the index, load, and check every row is there before anyone may read it. milvus-lite builds
+    the index within the call and has no timestamp service to poll it with (waiting logs a server-side error)."""
     client.flush(info.collection)
     build, _ = index_params(info.index_type, rows)
     params = client.prepare_index_params()
     params.add_index("vector", index_type=info.index_type, metric_type=info.metric, params=build)
-    client.create_index(info.collection, params)
+    client.create_index(info.collection, params, sync=wait_for_index)
     client.load_collection(info.collection)
     stored = client.query(info.collection, filter="", output_fields=["count(*)"])[0]["count(*)"]
     if stored != rows:
         raise StoreError(f"collection {info.collection} holds {stored} rows after flush, expected {rows}")
 
 
-def write_version(client, info: VersionInfo, rows: Rows) -> None:
+def write_version(client, info: VersionInfo, rows: Rows, wait_for_index: bool = True) -> None:
     create_version_collection(client, info, len(rows))
     insert_rows(client, info.collection, rows)
-    finish_collection(client, info, len(rows))
+    finish_collection(client, info, len(rows), wait_for_index)
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
@@ -232,7 +233,7 @@ class LiteStore:
         version_dir.mkdir()
         client = MilvusClient(str(self.db_path(info.version)))
         try:
-            write_version(client, info, rows)
+            write_version(client, info, rows, wait_for_index=False)
             client.create_alias(info.collection, self.alias)
         finally:
             client.close()  # releases the file's lock: readers may only open it after this
