@@ -104,6 +104,7 @@ class IndexStats(ApiModel):
     added: int = 0
     kept: int = 0
     removed: int = 0
+    embedded: int = Field(default=0, description="Chunks embedded in this run; the others reused their vectors.")
     skipped: int = 0
 
 
