@@ -153,6 +153,8 @@ def install_chart(kind: Kind, version: str) -> None:
     # The tag stays the project version while the image changes under it: the image ID as a pod annotation
     # rolls the operator whenever a new build was loaded.
     image_id = sh("docker", "image", "inspect", "-f", "{{.Id}}", f"ragtune/operator:{version}").strip()
+    # Helm installs a chart's crds/ once and never upgrades them: a changed schema is applied first, as on upgrades.
+    kind.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "charts" / "ragtune" / "crds"))
     kind.helm("upgrade", "--install", RELEASE, str(ROOT / "charts" / "ragtune"), "--namespace", RELEASE_NAMESPACE,
               "--create-namespace", "--wait", "--timeout", "180s", "--set", f"image.tag={version}",
               "--set", "image.pullPolicy=IfNotPresent", "--set", "logLevel=debug",

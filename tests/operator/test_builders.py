@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from ragtune.api.finetunejob import FineTuneJobSpec
@@ -173,6 +174,24 @@ def test_a_claim_used_twice_is_one_volume_mounted_twice():
     # vLLM needs more shared memory than a container's 64 MiB default
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in pod["volumes"]
     assert mounts["/dev/shm"] == "dshm"
+
+
+@pytest.mark.parametrize(("cpu", "threads"), [("250m", "1"), ("1500m", "2"), ("4", "4"), ("2.5", "3")])
+def test_a_cpu_engine_sizes_its_threads_to_the_cpu_request_without_pinning(cpu, threads):
+    spec = HybridEndpointSpec.model_validate({**HEP, "resources": {"cpu": cpu, "memory": "4Gi"}})
+    for runtime, kind in (("deployment", "Deployment"), ("rayservice", "RayService")):
+        objs = by_kind(endpoint.build(body("HybridEndpoint"), spec, runtime, ADAPTER, INDEX))
+        template = objs[kind]["spec"]["template"] if kind == "Deployment" else \
+            objs[kind]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+        assert env["OMP_NUM_THREADS"] == threads and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+def test_a_gpu_engine_leaves_thread_placement_to_vllm():
+    spec = HybridEndpointSpec.model_validate({**HEP, "resources": {"gpu": 1}})
+    container = by_kind(endpoint.build(body("HybridEndpoint"), spec, "deployment", ADAPTER, INDEX))["Deployment"][
+        "spec"]["template"]["spec"]["containers"][0]
+    assert not {"OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND"} & {e["name"] for e in container["env"]}
 
 
 def test_rayservice_runtime_renders_serve_config_v2_from_the_same_config():

@@ -39,11 +39,11 @@ def test_progress_annotation_becomes_status_and_a_progress_column():
 def test_a_finished_index_run_reports_counts_and_skipped_files():
     done = job(conditions=[{"type": "Complete", "status": "True"}], completionTime="2026-01-01T00:01:00Z")
     result = {"documents": 3, "chunks": 9, "dimension": 384, "activeVersion": "v2", "activeCollection": "d_v2",
-              "added": 2, "kept": 7, "removed": 1, "durationSeconds": 4.2,
+              "added": 2, "kept": 7, "removed": 1, "embedded": 2, "durationSeconds": 4.2,
               "skipped": [{"path": "bad.pdf", "reason": "not a PDF"}], "skippedTotal": 1}
     fields, conds = statuses.vectorindex(done, [pod("Succeeded", {"ragtune.io/result": json.dumps(result)})], {})
     assert fields["activeVersion"] == "v2" and fields["progress"] == {"added": 2, "kept": 7, "removed": 1,
-                                                                      "skipped": 1}
+                                                                      "embedded": 2, "skipped": 1}
     assert fields["skippedFiles"] == [{"path": "bad.pdf", "reason": "not a PDF"}]
     assert next(c for c in conds if c["type"] == "Ready")["status"] == "True"
 

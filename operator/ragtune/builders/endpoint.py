@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,15 @@ def _volumes(spec: HybridEndpointSpec, config_name: str, adapter: ResolvedAdapte
     return volumes, mounts
 
 
+def cpu_threads_env(cpu: str) -> list[dict[str, str]]:
+    """Compute threads for a CPU engine, sized to the pod's CPU request. vLLM's CPU backend otherwise pins its
+    threads to the node's cores by itself (`auto`): every endpoint pod on a node chooses the same core, and a
+    rolling update's new pod starved beside the old one for minutes."""
+    cores = int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    return [{"name": "OMP_NUM_THREADS", "value": str(max(1, math.ceil(cores)))},
+            {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": "nobind"}]
+
+
 def serve_container(spec: HybridEndpointSpec, mounts: list[dict], command: list[str] | None) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": "serve",
@@ -135,6 +145,8 @@ def serve_container(spec: HybridEndpointSpec, mounts: list[dict], command: list[
         "volumeMounts": mounts,
         "securityContext": common.restricted_container_security(),
     }
+    if not spec.resources.gpu:
+        container["env"] += cpu_threads_env(spec.resources.cpu)
     if command:
         container["command"] = command
         container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
