@@ -66,7 +66,7 @@ verify: ## Fail when generated files drift from the models
 .PHONY: test
 test: ## Install everything needed and run the test suite: unit, control plane, kind e2e (Docker, root)
 	@venv=$(venv); bin=$(k8s_bin); \
-	RAGTUNE_K8S_BIN="$$bin" "$$venv/bin/python" -m pytest tests e2e -m "not serving" $(PYTEST_ARGS)
+	RAGTUNE_K8S_BIN="$$bin" "$$venv/bin/python" -m pytest tests e2e $(PYTEST_ARGS)
 
 .PHONY: test-e2e
 test-e2e: ## Run only the e2e tests on the kind cluster (created, images built and loaded as needed)
