@@ -85,12 +85,12 @@ rbac: ## Print the operator's ClusterRole (least privilege, from ragtune.rbac)
 	@"$(venv)/bin/python" -m ragtune.rbac
 
 .PHONY: demo
-demo: ## The main job on an embedded default: index, fine-tune, serve, ask; prints the answer with its sources
-	@venv=$(venv); "$$venv/bin/python" hack/demo.py
-
-.PHONY: demo-kind
-demo-kind: ## The same job on kind: cluster, images, chart, samples (serving on kind not yet verified)
+demo: ## The main job on kind (cluster, images, chart, samples): fine-tune, index, serve, ask; prints answer + sources
 	@venv=$(venv); "$$venv/bin/python" hack/demo_kind.py
+
+.PHONY: demo-local
+demo-local: ## The same job as plain processes (no cluster): each workload program as its pod runs it
+	@venv=$(venv); "$$venv/bin/python" hack/demo.py
 
 BENCH_ARGS ?= --quick
 .PHONY: bench bench-operator bench-index bench-finetune bench-serve

@@ -1,4 +1,4 @@
-"""`make demo`: ragtune's main job on an embedded default, on this machine.
+"""`make demo-local`: ragtune's main job on an embedded default, as plain processes on this machine.
 
 Index examples/docs into embedded milvus-lite with all-MiniLM-L6-v2, fine-tune a tiny Llama built locally with
 LoRA, serve both with Ray Serve in hybrid mode, and ask the endpoint a question through the OpenAI client. Each
