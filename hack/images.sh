@@ -3,7 +3,10 @@
 #   BASE_IMAGE   the base of every image. Unset: python:3.11-slim-bookworm when the engine already has it, otherwise
 #                the Debian base debootstrapped by hack/kind/node-image.sh (no registry needed).
 #   OFFLINE=0    install from the package index instead of the local wheelhouse (hack/wheelhouse.sh)
-#   IMAGES       which images (default: operator finetune index serve); finetune-gpu/serve-gpu need a registry
+#   IMAGES       which images (default: operator finetune index serve). finetune-gpu and serve-gpu always install
+#                from the package index, on GPU_BASE_IMAGE (default: the CUDA runtime image when the engine has it,
+#                else BASE_IMAGE; torch's wheels carry the CUDA libraries) with torch from TORCH_GPU_INDEX_URL
+#                (default: PyTorch's cu128 index; set it empty for PyPI's CUDA wheels)
 # Prints the image names.
 set -euo pipefail
 
@@ -27,6 +30,10 @@ log "base image $base"
 
 log_file="$(mktemp)"
 build_args=(--build-arg "BASE_IMAGE=$base")
+gpu_base="${GPU_BASE_IMAGE:-nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04}"
+if [[ -z "${GPU_BASE_IMAGE:-}" ]] && ! docker image inspect "$gpu_base" >/dev/null 2>&1; then gpu_base="$base"; fi
+gpu_args=(--build-arg "GPU_BASE_IMAGE=$gpu_base")
+if [[ -n "${TORCH_GPU_INDEX_URL+set}" ]]; then gpu_args+=(--build-arg "TORCH_GPU_INDEX_URL=$TORCH_GPU_INDEX_URL"); fi
 server_pid=""
 if [[ "${OFFLINE:-1}" != 0 ]]; then
   wheels="$(bash "$root/hack/wheelhouse.sh")"
@@ -45,7 +52,8 @@ fi
 for image in "${images[@]}"; do
   case "$image" in
     operator) dockerfile="$root/operator/Dockerfile"; target=() ;;
-    finetune|index|serve|finetune-gpu|serve-gpu) dockerfile="$root/workloads/Dockerfile"; target=(--target "$image") ;;
+    finetune|index|serve) dockerfile="$root/workloads/Dockerfile"; target=(--target "$image") ;;
+    finetune-gpu|serve-gpu) dockerfile="$root/workloads/Dockerfile"; target=(--target "$image" "${gpu_args[@]}") ;;
     *) die "unknown image $image (operator finetune index serve finetune-gpu serve-gpu)" ;;
   esac
   tag="ragtune/$image:$version"
