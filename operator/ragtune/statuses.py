@@ -181,7 +181,8 @@ def vectorindex(job: dict | None, pods: list[dict], previous: dict[str, Any]) ->
         else:
             conds += [c.condition(c.READY, has_active, "ResultMissing" if not has_active else c.JOB_SUCCEEDED,
                                   "the Job completed but the workload reported no index version")]
-        conds.append(c.condition(c.PROGRESSING, False, c.JOB_SUCCEEDED, "finished"))
+        conds += [c.condition(c.PROGRESSING, False, c.JOB_SUCCEEDED, "finished"),
+                  c.condition(c.FAILED, False, c.JOB_SUCCEEDED, "the last run succeeded")]
     elif phase == "Failed":
         conds += [c.condition(c.READY, has_active, reason, message + (
                       "; readers keep the previous version" if has_active else "")),

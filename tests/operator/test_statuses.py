@@ -46,6 +46,8 @@ def test_a_finished_index_run_reports_counts_and_skipped_files():
                                                                       "embedded": 2, "skipped": 1}
     assert fields["skippedFiles"] == [{"path": "bad.pdf", "reason": "not a PDF"}]
     assert next(c for c in conds if c["type"] == "Ready")["status"] == "True"
+    # a run that was unschedulable for a while and then succeeded leaves no stale reason behind
+    assert next(c for c in conds if c["type"] == "Failed")["reason"] == "JobSucceeded"
 
 
 def test_a_failed_reindex_keeps_the_previous_version_ready():

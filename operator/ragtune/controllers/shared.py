@@ -111,6 +111,8 @@ def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desi
         for cond in c.transitions(current.get("conditions"), merged):
             if cond["type"] == c.PROGRESSING:  # mirrors Ready; one event per transition is enough
                 continue
+            if cond["type"] == c.FAILED and cond["status"] == "False":  # not failing is no news; Ready says it
+                continue
             kind = "Warning" if cond["reason"] in WARNING_REASONS else "Normal"
             api().event(body, kind, cond["reason"], f"{cond['type']}={cond['status']}: {cond['message']}")
     return {**current, **changes}
