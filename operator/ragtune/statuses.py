@@ -204,8 +204,7 @@ def endpoint_workload(kind: str, child: dict | None, wanted: int) -> tuple[dict[
             c.condition(c.AVAILABLE, False, c.ROLLING_OUT, "creating the serving workload")]
     st = child.get("status") or {}
     if kind == "RayService":
-        ready_cond = next((x for x in st.get("conditions") or [] if x.get("type") == "Ready"), None)
-        ok = bool(ready_cond and ready_cond.get("status") == "True")
+        ok = c.is_true(st.get("conditions"), c.READY)
         ready = wanted if ok else 0
     else:
         ready = st.get("readyReplicas") or 0

@@ -266,15 +266,13 @@ def resync(key: tuple[str, str, str]) -> None:
     if runtime_for(parse_spec(owner["spec"])) != "rayservice":
         return
     _, namespace, name = key
-    current = shared.api().get("ray.io/v1", "RayService", name, namespace)
-    labels = ((current or {}).get("metadata") or {}).get("labels") or {}
-    if current is not None and labels.get(f"ragtune.io/{KIND.lower()}") == name:
+    current = shared.api().get("ray.io/v1", "RayService", name, namespace) or {}
+    labels = (current.get("metadata") or {}).get("labels") or {}
+    if shared.owner_of(labels, KIND) == name:
         cached = next((w for w in cache.JOBS.get(key) if w.get("kind") == "RayService"), None)
         if cached is None or cached["metadata"].get("resourceVersion") != current["metadata"].get("resourceVersion"):
             workload_changed("RayService", current, namespace, labels, "MODIFIED")
-    ready = any(x.get("type") == "Ready" and x.get("status") == "True"
-                for x in ((current or {}).get("status") or {}).get("conditions") or [])
-    schedule_resync(key, ready)
+    schedule_resync(key, c.is_true((current.get("status") or {}).get("conditions"), c.READY))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
