@@ -36,6 +36,15 @@ class Api:
         self._crd_cache: dict[str, tuple[float, bool]] = {}
         self._lock = threading.Lock()
 
+    def warm(self, kinds: list[tuple[str, str]]) -> None:
+        """Resolves resources ahead of the first reconcile, so the first objects after a start do not queue behind
+        API discovery. A kind not served (KubeRay's RayService, say) is looked up again when first used."""
+        for api_version, kind in kinds:
+            try:
+                self.resource(api_version, kind)
+            except dynamic.exceptions.ResourceNotFoundError:
+                log.debug("%s %s not served yet", api_version, kind)
+
     def resource(self, api_version: str, kind: str):
         key = (api_version, kind)
         if key not in self._resources:

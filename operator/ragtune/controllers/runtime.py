@@ -10,17 +10,52 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
+from . import shared
+
 PREFIX = "ragtune.io"
 log = logging.getLogger(__name__)
 _metrics_started = False
 
 
+# Kinds with an immutable spec and one handler per cause (create, resume): nothing is learned from a stored copy
+# of the handled spec, so none is written. The status ragtune writes (observedGeneration) marks the creation as
+# handled instead, which saves one write to every new object.
+STATUS_MARKED_KINDS = frozenset({"FineTuneJob"})
+
+
+class DiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's annotation diff-base, except for STATUS_MARKED_KINDS: an object whose status ragtune has written
+    counts as handled in its current form. Until that status lands (a fraction of a second) another event runs the
+    create handler again, which finds its children already there."""
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        stored = super().fetch(body=body)
+        if stored is None and body.get("kind") in STATUS_MARKED_KINDS \
+                and (body.get("status") or {}).get("observedGeneration"):
+            return self.build(body=body)
+        return stored
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        if body.get("kind") not in STATUS_MARKED_KINDS:
+            super().store(body=body, patch=patch, essence=essence)
+
+
+class ProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's annotation progress, except that a handler of STATUS_MARKED_KINDS that succeeded leaves no record:
+    it is the only handler of its cause, so the record would be purged in the same patch. Retries and permanent
+    failures are recorded as usual."""
+
+    def store(self, *, key: Any, record: Any, body: kopf.Body, patch: kopf.Patch) -> None:
+        if body.get("kind") in STATUS_MARKED_KINDS and record.get("success"):
+            return
+        super().store(key=key, record=record, body=body, patch=patch)
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Handler progress and the last handled spec live in annotations under our own prefix.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration")
+    settings.persistence.progress_storage = ProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = DiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     # ragtune posts its own events on condition transitions; kopf's per-handler chatter stays in the log.
     settings.posting.level = logging.WARNING
@@ -40,6 +75,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.priority = int(os.environ.get("RAGTUNE_PEERING_PRIORITY") or random.randint(1, 2**30))
     settings.peering.lifetime = int(os.environ.get("RAGTUNE_PEERING_LIFETIME", "60"))
     start_metrics()
+    shared.warm_up()
 
 
 def start_metrics() -> None:

@@ -31,6 +31,12 @@ _api_lock = threading.Lock()
 _object_locks: dict[tuple[str, str, str], threading.RLock] = defaultdict(threading.RLock)
 _locks_guard = threading.Lock()
 _workload_rbac_done: set[str] = set()
+# Every kind the controllers read or write, resolved once at start.
+CHILD_KINDS = [("v1", "ConfigMap"), ("v1", "Pod"), ("v1", "Secret"), ("v1", "Service"), ("v1", "ServiceAccount"),
+               ("v1", "PersistentVolumeClaim"), ("batch/v1", "Job"), ("batch/v1", "CronJob"),
+               ("apps/v1", "Deployment"), ("rbac.authorization.k8s.io/v1", "Role"),
+               ("rbac.authorization.k8s.io/v1", "RoleBinding"), ("policy/v1", "PodDisruptionBudget"),
+               ("apiextensions.k8s.io/v1", "CustomResourceDefinition"), ("ray.io/v1", "RayService")]
 
 
 def api() -> Api:
@@ -39,6 +45,15 @@ def api() -> Api:
         if _api is None:
             _api = Api()
         return _api
+
+
+def warm_up() -> None:
+    """The API client and resource discovery, before the first handler needs them. Best effort: a handler that
+    finds them missing builds them itself."""
+    try:
+        api().warm(CHILD_KINDS)
+    except Exception as exc:  # discovery can fail in many ways (an aggregated API down); none should stop a start
+        log.warning("API discovery at start failed, continuing lazily: %s", exc)
 
 
 def object_lock(kind: str, namespace: str, name: str) -> threading.RLock:
@@ -71,9 +86,12 @@ def instrumented(kind: str) -> Callable:
 def ensure_workload_identity(namespace: str) -> None:
     if namespace in _workload_rbac_done:
         return
-    for obj in common.workload_rbac(namespace):
-        api().ensure(obj)
-    _workload_rbac_done.add(namespace)
+    with object_lock("WorkloadIdentity", namespace, ""):  # the first object of a namespace does it; the rest wait
+        if namespace in _workload_rbac_done:
+            return
+        for obj in common.workload_rbac(namespace):
+            api().ensure(obj)
+        _workload_rbac_done.add(namespace)
 
 
 def apply_children(body: dict[str, Any], children: list[dict[str, Any]]) -> dict[str, str]:
