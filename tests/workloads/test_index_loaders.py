@@ -10,7 +10,7 @@ import pytest
 from ragtune.api.base import S3Location
 from ragtune.api.vectorindex import InlineDocument, SourceSpec
 from ragtune_workloads.index.chunking import chunk_document, markdown_sections, token_offsets
-from ragtune_workloads.index.loaders import Document, load_sources
+from ragtune_workloads.index.loaders import Document, load_sources, title_line
 
 ALL_FORMATS = ("txt", "md", "pdf", "html")
 
@@ -204,3 +204,11 @@ def test_markdown_chunks_never_cross_a_heading_and_carry_the_section_path(tokeni
 def test_a_heading_with_no_body_joins_the_next_section():
     sections = markdown_sections("# Title\n\n## Part\n\nBody text.\n")
     assert [(s.heading, s.start) for s in sections] == [("Title > Part", 0)]
+
+
+def test_a_plain_text_title_is_its_short_first_line_set_off_by_a_blank_line():
+    assert title_line("Flow past a cylinder\n\nThe wake of ...") == "Flow past a cylinder"
+    assert title_line("\n  Flow past a cylinder  \n\nbody") == "Flow past a cylinder"
+    assert title_line("one paragraph\nthat runs on\n\nbody") is None  # a paragraph, not a title
+    assert title_line("no blank line after it\nbody") is None
+    assert title_line("x" * 301 + "\n\nbody") is None

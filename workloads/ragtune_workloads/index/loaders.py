@@ -70,6 +70,13 @@ def format_of(name: str, default: str | None = None) -> str | None:
     return EXTENSION_FORMATS.get(Path(name).suffix.lower(), default)
 
 
+def title_line(text: str, longest: int = 300) -> str | None:
+    """A plain-text document's title by the usual convention: a short first line set off by a blank line."""
+    head, blank, _ = text.lstrip().partition("\n\n")
+    head = head.strip()
+    return head if blank and head and "\n" not in head and len(head) <= longest else None
+
+
 def title_from_name(name: str) -> str:
     return Path(name).stem.replace("_", " ").replace("-", " ").strip() or name
 
@@ -142,7 +149,7 @@ def extract(name: str, data: bytes, fmt: str) -> tuple[str, str]:
         title, text = extract_html(data)
     else:
         text = decode_text(data)
-        title = first_markdown_heading(text) if fmt == "md" else None
+        title = first_markdown_heading(text) if fmt == "md" else title_line(text)
     if not text.strip():
         raise UnusableFile("no text left after extraction")
     return title or title_from_name(name), text

@@ -43,9 +43,20 @@ def chunking_fingerprint(strategy: str, size: int, overlap: int) -> str:
     return digest("chunks", CHUNKER_VERSION, strategy, size, overlap)[:16]
 
 
-def row_id(vectors_fp: str, chunks_fp: str, chunk: Chunk) -> str:
+def row_id(vectors_fp: str, chunks_fp: str, chunk: Chunk, embedded: str) -> str:
     """Same id ⇔ same text at the same place of the same document, embedded and chunked the same way."""
-    return digest(vectors_fp, chunks_fp, chunk.doc_path, chunk.number, chunk.start, chunk.text)[:32]
+    return digest(vectors_fp, chunks_fp, chunk.doc_path, chunk.number, chunk.start, embedded)[:32]
+
+
+TITLE_CONTEXT_CHARS = 300  # a title longer than this is cut: the model's window belongs to the chunk
+
+
+def embedding_text(chunk: Chunk, context: str) -> str:
+    """What the model reads for a chunk. A title header costs the chunk's last few tokens when the chunk fills the
+    window; the overlap with the next chunk carries them."""
+    if context == "title" and chunk.title.strip():
+        return f"title: {' '.join(chunk.title.split())[:TITLE_CONTEXT_CHARS]}\n\n{chunk.text}"
+    return chunk.text
 
 
 @dataclass
@@ -78,6 +89,7 @@ class Plan:
     """Every chunk of the corpus, its row id and, where known, its cached vector."""
 
     chunks: list[Chunk]
+    texts: list[str]  # what the model reads for each chunk
     ids: list[str]
     keys: list[bytes]
     missing: list[int]  # chunk positions that need embedding
@@ -107,7 +119,7 @@ def embed_missing(plan: Plan, cache: VectorCache, embedder: Embedder, progress: 
     cached_count = len(plan.chunks) - len(plan.missing)
     progress.update(force=True, phase="Embedding", chunks=cached_count)
     if plan.missing:
-        fresh = embedder.embed_documents([plan.chunks[i].text for i in plan.missing],
+        fresh = embedder.embed_documents([plan.texts[i] for i in plan.missing],
                                          on_batch=lambda done: progress.update(chunks=cached_count + done))
         vectors[plan.missing] = fresh
     return vectors
@@ -159,9 +171,10 @@ def index_documents(config: IndexConfig, loaded: LoadResult, embedder: Embedder,
 
     progress.update(force=True, phase="Chunking")
     chunks, chunks_fp = chunk_all(loaded.documents, embedder, config, progress)
-    keys = [content_key(chunk.text) for chunk in chunks]
+    texts = [embedding_text(chunk, spec.embedding.context) for chunk in chunks]
+    keys = [content_key(text) for text in texts]
     cache = VectorCache.load(state_dir, vectors_fp)
-    plan = Plan(chunks, [row_id(vectors_fp, chunks_fp, c) for c in chunks], keys,
+    plan = Plan(chunks, texts, [row_id(vectors_fp, chunks_fp, c, t) for c, t in zip(chunks, texts)], keys,
                 [i for i, key in enumerate(keys) if cache.get(key) is None])
     vectors = embed_missing(plan, cache, embedder, progress)
     cache.save(state_dir, keys, vectors)
