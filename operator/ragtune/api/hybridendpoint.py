@@ -49,6 +49,10 @@ class RetrievalSpec(ApiModel):
                                           "left the answer says it does not know.")
     default_mode: Literal["auto", "always", "never"] = Field(default="auto", description="Per-request override "
                                                              "possible with the retrieval field.")
+    query_backend: Literal["onnx", "torch"] = Field(
+        default="onnx", description="Runtime that embeds queries, with the index's model weights in fp32 whatever "
+        "precision the index was built with. onnx: exported once at start, about half torch's latency per query; "
+        "a model that does not export falls back to torch (logged).")
 
 
 class PromptSpec(ApiModel):

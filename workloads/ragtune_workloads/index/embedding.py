@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 # Special tokens ([CLS] … [SEP]) take room in the model's window that chunk text cannot use.
 SPECIAL_TOKENS = 2
+# Up to this many texts (a query, a few concurrent queries) an onnx model is run directly: sentence-transformers'
+# batching machinery costs about as much as the model itself on one short text.
+DIRECT_MAX_TEXTS = 8
 
 
 class EmbeddingModelError(RuntimeError):
@@ -83,7 +86,7 @@ def quantize_int8(path: Path) -> Path:
     return quantized
 
 
-def use_onnxruntime(model, ref: ModelRef, int8: bool = False) -> None:
+def use_onnxruntime(model, ref: ModelRef, int8: bool = False, threads: int | None = None) -> None:
     """Swaps the transformer inside a loaded SentenceTransformer for an onnxruntime session of the same
     weights; everything around it (tokeniser, pooling, normalisation) is untouched."""
     import onnxruntime
@@ -107,6 +110,8 @@ def use_onnxruntime(model, ref: ModelRef, int8: bool = False) -> None:
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle worker threads would otherwise spin after each call and take CPU from the rest of the process.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     class OnnxTransformer(torch.nn.Module):
@@ -121,10 +126,11 @@ def use_onnxruntime(model, ref: ModelRef, int8: bool = False) -> None:
             return {"last_hidden_state": torch.from_numpy(session.run(["last_hidden_state"], feeds)[0])}
 
     module.model = OnnxTransformer()
+    model._ragtune_onnx = (session, input_names)  # for Embedder's direct path
 
 
 def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str | None = None,
-                              precision: str = "fp32"):
+                              precision: str = "fp32", threads: int | None = None):
     location = ref.path or ref.name
     if ref.path and not Path(ref.path).is_dir():
         raise EmbeddingModelError(f"embedding model {ref.name!r} not found: {ref.path} is not a directory")
@@ -133,7 +139,7 @@ def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str
         model = SentenceTransformer(location, device=device or "cpu", backend="torch" if backend == "onnx" else backend,
                                     local_files_only=bool(ref.path) or os.environ.get("HF_HUB_OFFLINE") == "1")
         if backend == "onnx":
-            use_onnxruntime(model, ref, int8=precision == "int8")
+            use_onnxruntime(model, ref, int8=precision == "int8", threads=threads)
         return model
     except Exception as exc:  # the library raises many types (OSError, ValueError, HF errors) for the same cause
         first_line = str(exc).splitlines()[0] if str(exc) else ""
@@ -151,7 +157,9 @@ def cpu_has_bf16() -> bool:
 
 class Embedder:
     def __init__(self, ref: ModelRef, backend: str = "torch", batch_size: int = 64, normalize: bool = True,
-                 query_prefix: str = "", model=None, precision: str = "fp32"):
+                 query_prefix: str = "", model=None, precision: str = "fp32", threads: int | None = None):
+        """`threads`: onnxruntime's threads per call (default: one per core). A server embedding one query per
+        request wants 1: concurrent requests run side by side, and no call waits for a sleeping worker thread."""
         if precision not in ("fp32", "bf16", "int8"):
             raise ValueError(f"embedding precision {precision!r}: use fp32, bf16 or int8")
         if (precision == "bf16" and backend != "torch") or (precision == "int8" and backend != "onnx"):
@@ -163,7 +171,8 @@ class Embedder:
         self.batch_size = batch_size
         self.normalize = normalize
         self.query_prefix = query_prefix
-        self.model = model if model is not None else load_sentence_transformer(ref, backend, precision=precision)
+        self.model = model if model is not None else load_sentence_transformer(ref, backend, precision=precision,
+                                                                               threads=threads)
         if precision == "bf16" and str(self.model.device) == "cpu" and not cpu_has_bf16():
             log.warning("embedding precision bf16 on a CPU without AMX or AVX-512 BF16: slower than fp32")
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
@@ -189,9 +198,44 @@ class Embedder:
         return self._encode(texts)
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        direct = self._onnx_direct(texts) if len(texts) <= DIRECT_MAX_TEXTS else None
+        if direct is not None:
+            return direct
         vectors = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=self.normalize,
                                     convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
+
+    def _onnx_direct(self, texts: Sequence[str]) -> np.ndarray | None:
+        """The onnx session on the tokenised texts, pooled and normalised here as sentence-transformers would;
+        None where the model has modules this does not reproduce (then sentence-transformers runs it)."""
+        onnx = getattr(self.model, "_ragtune_onnx", None)
+        if onnx is None:
+            return None
+        modules = list(self.model)
+        names = [type(m).__name__ for m in modules]
+        if names[:2] != ["Transformer", "Pooling"] or any(n != "Normalize" for n in names[2:]):
+            return None
+        mode = getattr(modules[1], "pooling_mode", None)
+        if mode not in ("mean", "cls"):
+            return None
+        session, input_names = onnx
+        texts = [str(t).strip() for t in texts]
+        if getattr(modules[0], "do_lower_case", False):
+            texts = [t.lower() for t in texts]
+        features = self.tokenizer(texts, padding=True, truncation="longest_first", return_tensors="np",
+                                  max_length=modules[0].max_seq_length)
+        feeds = {n: features[n].astype(np.int64) for n in input_names if n in features}
+        if "token_type_ids" in input_names and "token_type_ids" not in feeds:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        hidden = session.run(["last_hidden_state"], feeds)[0]
+        if mode == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = features["attention_mask"][..., None].astype(np.float32)
+            pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+        if self.normalize or "Normalize" in names:
+            pooled = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+        return np.ascontiguousarray(pooled, dtype=np.float32)
 
     def embed_documents(self, texts: Sequence[str], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         """Vectors of `texts` (row i for texts[i]); `on_batch(done)` after every batch, for progress."""

@@ -8,6 +8,7 @@ results once the new one is published.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -22,7 +23,10 @@ from ragtune_workloads.index.retrieval import Hit, Retriever
 from .cache import MISSING, VersionedCache
 from .routing import similarity
 
+log = logging.getLogger(__name__)
+
 EMBEDDING_CACHE_ENTRIES = 4096
+QUERY_THREADS = 1  # onnxruntime threads per query: requests run side by side instead
 RESULT_CACHE_ENTRIES = 4096
 
 
@@ -64,11 +68,22 @@ def hit_to_source(hit: Hit, metric: str) -> dict[str, Any]:
             "score": round(similarity(hit.score, metric), 6), "text": hit.text, "index_version": hit.version}
 
 
+def query_embedder(target: RetrievalTarget) -> Embedder:
+    """The endpoint's query embedder: target.query_backend, else torch where the model does not export to onnx
+    (the same weights either way, so the index's vectors fit both)."""
+    ref = ModelRef(target.embedding_model, target.model_path)
+    if target.query_backend == "onnx":
+        try:
+            return Embedder(ref, backend="onnx", query_prefix=target.query_prefix, threads=QUERY_THREADS)
+        except Exception as exc:  # export and onnxruntime fail in many ways; serving must not
+            log.warning("queries embedded with torch: %s did not run in onnxruntime (%s)", target.embedding_model, exc)
+    return Embedder(ref, query_prefix=target.query_prefix)
+
+
 class RetrievalService:
     def __init__(self, target: RetrievalTarget, embedder: Embedder | None = None,
                  embedding_cache: int = EMBEDDING_CACHE_ENTRIES, result_cache: int = RESULT_CACHE_ENTRIES):
-        embedder = embedder or Embedder(ModelRef(target.embedding_model, target.model_path),
-                                        query_prefix=target.query_prefix)
+        embedder = embedder or query_embedder(target)
         self.embeddings = VersionedCache(embedding_cache)
         self.results = VersionedCache(result_cache)
         self.embedder = CachingEmbedder(embedder, self.embeddings)
