@@ -69,7 +69,7 @@ class RetrievalTarget(ApiModel):
     model_path: str | None = None
     query_prefix: str = Field(default="", max_length=256, description="Prepended to queries before embedding; "
                               "must match the VectorIndex's embedding.queryPrefix (e.g. for bge/e5 models).")
-    query_backend: Literal["onnx", "torch"] = "torch"
+    query_backend: Literal["onnx", "torch"] = "onnx"  # HybridEndpoint spec.retrieval.queryBackend
 
 
 class ServeConfig(ApiModel):
