@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from ragtune.api.base import S3Location
 from ragtune.api.vectorindex import InlineDocument, SourceSpec
 from ragtune_workloads.index.chunking import chunk_document, markdown_sections, token_offsets
 from ragtune_workloads.index.loaders import Document, load_sources, title_line
+from ragtune_workloads.s3 import s3_folder
 
 ALL_FORMATS = ("txt", "md", "pdf", "html")
 
@@ -136,12 +138,8 @@ def test_s3_source_is_staged_through_the_fetcher(tmp_path):
     assert [entry.path for entry in result.skipped] == ["s3://docs/manuals/c.bin"]
 
 
-def test_s3_without_boto3_fails_with_a_clear_reason(tmp_path):
-    try:
-        import boto3  # noqa: F401
-        pytest.skip("boto3 is installed here; the no-boto3 message cannot be observed")
-    except ImportError:
-        pass
+def test_s3_without_boto3_fails_with_a_clear_reason(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "boto3", None)  # an image built without it
     with pytest.raises(RuntimeError, match="s3 sources need boto3"):
         load_sources([SourceSpec(s3={"uri": "s3://docs/x"})], [str(tmp_path / "staging")], ALL_FORMATS)
 
@@ -212,3 +210,10 @@ def test_a_plain_text_title_is_its_short_first_line_set_off_by_a_blank_line():
     assert title_line("one paragraph\nthat runs on\n\nbody") is None  # a paragraph, not a title
     assert title_line("no blank line after it\nbody") is None
     assert title_line("x" * 301 + "\n\nbody") is None
+
+
+def test_an_s3_path_is_a_folder_not_a_key_prefix():
+    assert s3_folder("s3://docs/manuals") == ("docs", "manuals/")  # never manuals-old/
+    assert s3_folder("s3://docs/manuals/v1/") == ("docs", "manuals/v1/")
+    assert s3_folder("s3://docs") == ("docs", "")
+    assert s3_folder("s3://docs/") == ("docs", "")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtune.api.finetunejob import DatasetSpec, FieldMapping
+from ragtune_workloads.s3 import s3_folder
 
 from .errors import DatasetError
 
@@ -169,7 +170,7 @@ def stage_s3_prefix(uri: str, endpoint: str | None, dest: Path) -> Path:
     except ImportError:
         raise DatasetError("dataset.s3 is read directly only when boto3 is installed in the image; "
                            "otherwise the rows must be staged into datasetPath") from None
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    bucket, prefix = s3_folder(uri)
     client = boto3.client("s3", endpoint_url=endpoint)
     dest.mkdir(parents=True, exist_ok=True)
     count = 0

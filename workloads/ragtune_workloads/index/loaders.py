@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ragtune.api.base import S3Location
 from ragtune.api.vectorindex import SourceSpec
+from ragtune_workloads.s3 import s3_folder
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def boto3_fetcher(location: S3Location, pattern: str, target: Path) -> None:
     except ImportError:
         raise RuntimeError("s3 sources need boto3, which is not installed in this image; stage the files into "
                            "the source path (e.g. with an init container) instead") from None
-    bucket, _, prefix = location.uri.removeprefix("s3://").partition("/")
+    bucket, prefix = s3_folder(location.uri)
     client = boto3.client("s3", endpoint_url=location.endpoint)
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
