@@ -241,6 +241,9 @@ def track_owner(kind: str, body: dict[str, Any], namespace: str, name: str, even
         cache.OWNERS.put(key, None)
         cache.JOBS.forget(key)
         cache.PODS.forget(key)
+        # The status base is kept by uid, which a deleted object never gets back: without this, every object
+        # that ever existed would stay in memory.
+        cache.STATUS.forget((kind, namespace, (body.get("metadata") or {}).get("uid") or name))
         return True
     cache.OWNERS.put(key, compact_owner(body))
     return False
