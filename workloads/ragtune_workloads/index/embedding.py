@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -147,6 +148,36 @@ def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str
                                   f"(backend {backend}): {type(exc).__name__}: {first_line}") from exc
 
 
+@dataclass(frozen=True)
+class DirectOnnx:
+    """What running an onnx-backed model without sentence-transformers needs, worked out once per model."""
+
+    session: Any
+    input_names: list[str]
+    pooling: str  # mean | cls
+    lower_case: bool
+    max_length: int
+    normalize: bool  # the model ends in a Normalize module
+
+
+def direct_onnx(model) -> DirectOnnx | None:
+    """None where the model is not onnx-backed or has modules the direct path does not reproduce (then
+    sentence-transformers runs it)."""
+    onnx = getattr(model, "_ragtune_onnx", None)
+    if onnx is None:
+        return None
+    modules = list(model)
+    names = [type(m).__name__ for m in modules]
+    if names[:2] != ["Transformer", "Pooling"] or any(n != "Normalize" for n in names[2:]):
+        return None
+    pooling = getattr(modules[1], "pooling_mode", None)
+    if pooling not in ("mean", "cls"):
+        return None
+    session, input_names = onnx
+    return DirectOnnx(session, input_names, pooling, bool(getattr(modules[0], "do_lower_case", False)),
+                      int(modules[0].max_seq_length), "Normalize" in names)
+
+
 def cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -180,6 +211,7 @@ class Embedder:
         # Chunking tokenises whole documents with this (no truncation); encoding still truncates to the model's
         # window, which relies on the tokenizer's own limit staying as loaded.
         self.tokenizer = self.model.tokenizer
+        self._direct = direct_onnx(self.model)
 
     @property
     def name(self) -> str:
@@ -198,42 +230,30 @@ class Embedder:
         return self._encode(texts)
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
-        direct = self._onnx_direct(texts) if len(texts) <= DIRECT_MAX_TEXTS else None
-        if direct is not None:
-            return direct
+        if self._direct is not None and len(texts) <= DIRECT_MAX_TEXTS:
+            return self._onnx_direct(texts)
         vectors = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=self.normalize,
                                     convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
 
-    def _onnx_direct(self, texts: Sequence[str]) -> np.ndarray | None:
-        """The onnx session on the tokenised texts, pooled and normalised here as sentence-transformers would;
-        None where the model has modules this does not reproduce (then sentence-transformers runs it)."""
-        onnx = getattr(self.model, "_ragtune_onnx", None)
-        if onnx is None:
-            return None
-        modules = list(self.model)
-        names = [type(m).__name__ for m in modules]
-        if names[:2] != ["Transformer", "Pooling"] or any(n != "Normalize" for n in names[2:]):
-            return None
-        mode = getattr(modules[1], "pooling_mode", None)
-        if mode not in ("mean", "cls"):
-            return None
-        session, input_names = onnx
+    def _onnx_direct(self, texts: Sequence[str]) -> np.ndarray:
+        """The onnx session on the tokenised texts, pooled and normalised here as sentence-transformers would."""
+        direct = self._direct
         texts = [str(t).strip() for t in texts]
-        if getattr(modules[0], "do_lower_case", False):
+        if direct.lower_case:
             texts = [t.lower() for t in texts]
         features = self.tokenizer(texts, padding=True, truncation="longest_first", return_tensors="np",
-                                  max_length=modules[0].max_seq_length)
-        feeds = {n: features[n].astype(np.int64) for n in input_names if n in features}
-        if "token_type_ids" in input_names and "token_type_ids" not in feeds:
+                                  max_length=direct.max_length)
+        feeds = {n: features[n].astype(np.int64) for n in direct.input_names if n in features}
+        if "token_type_ids" in direct.input_names and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        hidden = session.run(["last_hidden_state"], feeds)[0]
-        if mode == "cls":
+        hidden = direct.session.run(["last_hidden_state"], feeds)[0]
+        if direct.pooling == "cls":
             pooled = hidden[:, 0]
         else:
             mask = features["attention_mask"][..., None].astype(np.float32)
             pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-        if self.normalize or "Normalize" in names:
+        if self.normalize or direct.normalize:
             pooled = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
         return np.ascontiguousarray(pooled, dtype=np.float32)
 

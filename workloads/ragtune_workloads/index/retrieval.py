@@ -122,15 +122,13 @@ class Retriever:
 
     def __init__(self, store_uri: str, collection: str, embedder: Embedder | None = None, *,
                  embedding_model: str | None = None, model_path: str | None = None, query_prefix: str = "",
-                 backend: str = "torch", precision: str = "fp32", token: str | None = None,
-                 scratch_dir: str | None = None):
+                 backend: str = "torch", token: str | None = None, scratch_dir: str | None = None):
         # Any backend or precision may embed queries for an index built with another: onnx runs the same weights,
         # bf16 and int8 come within cosine 0.9999 and 0.99 of them.
         if embedder is None:
             if not embedding_model:
                 raise ValueError("a Retriever needs an embedder or an embedding_model")
-            embedder = Embedder(ModelRef(embedding_model, model_path), backend=backend, query_prefix=query_prefix,
-                                precision=precision)
+            embedder = Embedder(ModelRef(embedding_model, model_path), backend=backend, query_prefix=query_prefix)
         self.embedder = embedder
         self.store_uri = store_uri
         self.alias = collection
