@@ -302,6 +302,7 @@ def test_an_endpoint_embeds_queries_with_onnx_and_falls_back_to_torch(model_path
     monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
     chosen = query_embedder(target)
     assert (chosen.backend, chosen.query_prefix) == ("onnx", "q: ")
+    assert chosen._direct.session.get_session_options().intra_op_num_threads == 1  # requests run side by side
     (tmp_path / "not-a-dir").write_text("")
     monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "not-a-dir" / "onnx"))  # the export cannot be written
     fallback = query_embedder(target)
