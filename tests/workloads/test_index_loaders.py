@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from ragtune.api.base import S3Location
 from ragtune.api.vectorindex import InlineDocument, SourceSpec
 from ragtune_workloads.index.chunking import chunk_document, markdown_sections, token_offsets
 from ragtune_workloads.index.loaders import Document, load_sources, title_line
-from ragtune_workloads.s3 import s3_folder
 
 ALL_FORMATS = ("txt", "md", "pdf", "html")
 
@@ -119,31 +116,6 @@ def test_inline_documents_load_and_empty_ones_are_skipped():
     assert skipped_reasons(result) == {"inline/empty.txt": "empty file"}
 
 
-def test_s3_source_is_staged_through_the_fetcher(tmp_path):
-    bucket = {"manuals/a.md": b"# A\n\nalpha", "manuals/sub/b.txt": b"beta", "manuals/c.bin": b"\x00\x01"}
-    calls = []
-
-    def fetch(location: S3Location, pattern: str, target: Path) -> None:
-        calls.append((location.uri, pattern))
-        for key, data in bucket.items():
-            destination = target / key.removeprefix("manuals/")
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.write_bytes(data)
-
-    source = SourceSpec(s3={"uri": "s3://docs/manuals"})
-    result = load_sources([source], [str(tmp_path / "staging")], ALL_FORMATS, s3_fetcher=fetch)
-
-    assert calls == [("s3://docs/manuals", "**/*")]
-    assert sorted(doc.path for doc in result.documents) == ["s3://docs/manuals/a.md", "s3://docs/manuals/sub/b.txt"]
-    assert [entry.path for entry in result.skipped] == ["s3://docs/manuals/c.bin"]
-
-
-def test_s3_without_boto3_fails_with_a_clear_reason(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "boto3", None)  # an image built without it
-    with pytest.raises(RuntimeError, match="s3 sources need boto3"):
-        load_sources([SourceSpec(s3={"uri": "s3://docs/x"})], [str(tmp_path / "staging")], ALL_FORMATS)
-
-
 def test_a_missing_source_directory_fails_the_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_sources([SourceSpec(pvc={"claimName": "docs"})], [str(tmp_path / "nope")], ALL_FORMATS)
@@ -210,10 +182,3 @@ def test_a_plain_text_title_is_its_short_first_line_set_off_by_a_blank_line():
     assert title_line("one paragraph\nthat runs on\n\nbody") is None  # a paragraph, not a title
     assert title_line("no blank line after it\nbody") is None
     assert title_line("x" * 301 + "\n\nbody") is None
-
-
-def test_an_s3_path_is_a_folder_not_a_key_prefix():
-    assert s3_folder("s3://docs/manuals") == ("docs", "manuals/")  # never manuals-old/
-    assert s3_folder("s3://docs/manuals/v1/") == ("docs", "manuals/v1/")
-    assert s3_folder("s3://docs") == ("docs", "")
-    assert s3_folder("s3://docs/") == ("docs", "")

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from ragtune_workloads import s3
 
 from .errors import ConfigError, ExportError
 
@@ -33,6 +36,8 @@ CHECKPOINT_DIR = "checkpoints"
 METADATA_FILE = "metadata.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 def file_sha256(path: Path) -> str:
@@ -183,31 +188,34 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- s3 output
 
-def s3_preflight() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("boto3") is None:
-        raise ConfigError("output.s3 needs boto3 in the image to upload the adapter: use an image with boto3, "
-                          "or write to output.pvc")
+def s3_preflight(destination: Any) -> None:
+    """Refuses the run before training when the bucket is missing or the credentials are refused. A key that may
+    write but not list the bucket cannot be checked here: the upload at the end tells."""
+    try:
+        s3.check_bucket(destination.uri, destination.endpoint, "output.s3", needs="s3:PutObject")
+    except s3.S3LocationError as exc:
+        if exc.code in s3.DENIED and s3.has_credentials():
+            log.warning("cannot check output.s3 before training (%s); the upload at the end will tell", exc)
+            return
+        raise ConfigError(str(exc)) from None
 
 
 def upload_to_s3(output: Path, destination: Any, uris: dict[str, Path | None]) -> dict[str, str | None]:
-    """Uploads each artifact (and the metadata) under the destination prefix, keeping the local layout; returns
-    the s3:// URIs. Credentials come from the environment the operator sets from credentialsSecret."""
-    import boto3
-
-    bucket, _, prefix = destination.uri.removeprefix("s3://").partition("/")
-    prefix = prefix.strip("/")
-    client = boto3.client("s3", endpoint_url=destination.endpoint)
+    """Uploads each artifact (and the metadata) under the destination folder, keeping the local layout; returns
+    the s3:// URIs. Credentials come from the environment the operator sets from output.s3.credentialsSecret."""
+    bucket, prefix = s3.s3_folder(destination.uri)
     uploaded: dict[str, str | None] = {}
+    files: list[tuple[Path, str]] = []
     for name, local in {**uris, "metadata": output / METADATA_FILE}.items():
         if local is None:
             uploaded[name] = None
             continue
-        relative = Path(local).relative_to(output).as_posix()
-        files = [Path(local)] if Path(local).is_file() else sorted(p for p in Path(local).rglob("*") if p.is_file())
-        for file in files:
-            key = "/".join(part for part in (prefix, file.relative_to(output).as_posix()) if part)
-            client.upload_file(str(file), bucket, key)
-        uploaded[name] = f"s3://{bucket}/" + "/".join(part for part in (prefix, relative) if part)
+        local = Path(local)
+        tree = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        files += [(file, file.relative_to(output).as_posix()) for file in tree]
+        uploaded[name] = f"s3://{bucket}/{prefix}{local.relative_to(output).as_posix()}"
+    try:
+        s3.upload_files(destination.uri, destination.endpoint, files, "output.s3")
+    except s3.S3LocationError as exc:
+        raise ExportError(f"the adapter trained but its upload failed: {exc}") from None
     return uploaded

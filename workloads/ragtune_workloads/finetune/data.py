@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtune.api.finetunejob import DatasetSpec, FieldMapping
-from ragtune_workloads.s3 import s3_folder
+from ragtune_workloads.s3 import S3LocationError, download_folder
 
 from .errors import DatasetError
 
@@ -164,26 +164,17 @@ def read_inline_rows(rows: Iterable[Any]) -> Iterator[RawRow]:
 
 
 def stage_s3_prefix(uri: str, endpoint: str | None, dest: Path) -> Path:
-    """Copies the .json/.jsonl objects under an s3:// prefix to `dest`; credentials come from the environment."""
+    """Copies the .json/.jsonl objects under the s3:// folder to `dest`, keeping their layout; credentials come
+    from the environment the operator sets from dataset.s3.credentialsSecret."""
     try:
-        import boto3  # only images that read s3 directly carry it
-    except ImportError:
-        raise DatasetError("dataset.s3 is read directly only when boto3 is installed in the image; "
-                           "otherwise the rows must be staged into datasetPath") from None
-    bucket, prefix = s3_folder(uri)
-    client = boto3.client("s3", endpoint_url=endpoint)
-    dest.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            if key.endswith(ROW_SUFFIXES):
-                target = dest / key[len(prefix):].lstrip("/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, key, str(target))
-                count += 1
-    if not count:
-        raise DatasetError(f"no .json or .jsonl objects under {uri}")
+        listed, copied = download_folder(uri, endpoint, dest, "dataset.s3", lambda path: path.endswith(ROW_SUFFIXES))
+    except S3LocationError as exc:
+        raise DatasetError(str(exc)) from None
+    if not copied:
+        found = (f"{listed} objects under that folder, none of them .json or .jsonl" if listed
+                 else "no objects under that folder")
+        raise DatasetError(f"dataset.s3.uri {uri}: {found}; put the rows there as .json or .jsonl files or "
+                           "correct the uri")
     return dest
 
 

@@ -47,7 +47,7 @@ def prepare(config: FineTuneConfig, hardware: Hardware | None = None) -> Prepare
     if spec.output.gguf.enabled:
         artifacts.gguf_preflight(spec.output.gguf.quantization)
     if spec.output.s3 is not None:
-        artifacts.s3_preflight()
+        artifacts.s3_preflight(spec.output.s3)
     return Prepared(plan, hardware, dataset, train, validation)
 
 

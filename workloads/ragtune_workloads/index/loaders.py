@@ -11,13 +11,13 @@ import hashlib
 import io
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ragtune.api.base import S3Location
 from ragtune.api.vectorindex import SourceSpec
-from ragtune_workloads.s3 import s3_folder
+from ragtune_workloads.s3 import S3LocationError, download_folder
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,6 @@ class LoadResult:
 
 class UnusableFile(Exception):
     """A file that cannot become a document; the message is the reason shown to the user."""
-
-
-# An s3 fetcher copies the objects under a location (filtered by glob) into a local directory.
-S3Fetcher = Callable[[S3Location, str, Path], None]
 
 
 def format_of(name: str, default: str | None = None) -> str | None:
@@ -211,23 +207,16 @@ def load_inline(source: SourceSpec, formats: Iterable[str]) -> LoadResult:
     return result
 
 
-def boto3_fetcher(location: S3Location, pattern: str, target: Path) -> None:
-    """Copies s3 objects under location.uri into target. Needs boto3, which the index image may not ship."""
-    try:
-        import boto3  # type: ignore[import-not-found]
-    except ImportError:
-        raise RuntimeError("s3 sources need boto3, which is not installed in this image; stage the files into "
-                           "the source path (e.g. with an init container) instead") from None
-    bucket, prefix = s3_folder(location.uri)
-    client = boto3.client("s3", endpoint_url=location.endpoint)
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            relative = obj["Key"][len(prefix):].lstrip("/")
-            if not relative or not Path(relative).match(pattern.removeprefix("**/")):
-                continue
-            destination = target / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(destination))
+def fetch_s3_source(location: S3Location, pattern: str, target: Path, spec_field: str) -> None:
+    """Copies the objects under the s3:// folder whose path matches the source's glob into `target`; credentials
+    come from the environment the operator sets from the source's credentialsSecret. An empty folder is an error,
+    as a missing directory is for a volume."""
+    glob = pattern.removeprefix("**/")
+    listed, _ = download_folder(location.uri, location.endpoint, target, spec_field,
+                                lambda path: PurePosixPath(path).match(glob))
+    if not listed:
+        raise S3LocationError(f"{spec_field}.uri {location.uri}: no objects under that folder; put the documents "
+                              "there or correct the uri")
 
 
 def source_label(source: SourceSpec, index: int) -> str:
@@ -242,8 +231,7 @@ def source_label(source: SourceSpec, index: int) -> str:
     return f"source-{index}"
 
 
-def load_sources(sources: list[SourceSpec], source_paths: list[str | None], formats: Iterable[str],
-                 s3_fetcher: S3Fetcher = boto3_fetcher) -> LoadResult:
+def load_sources(sources: list[SourceSpec], source_paths: list[str | None], formats: Iterable[str]) -> LoadResult:
     """All documents of all sources. A source that cannot be reached at all is an error (the run fails);
     a file that cannot be read is skipped."""
     formats = tuple(formats)
@@ -259,7 +247,7 @@ def load_sources(sources: list[SourceSpec], source_paths: list[str | None], form
         root = Path(local)
         if source.s3 and not (root.is_dir() and any(root.iterdir())):
             root.mkdir(parents=True, exist_ok=True)
-            s3_fetcher(source.s3, source.glob, root)
+            fetch_s3_source(source.s3, source.glob, root, f"sources[{index}].s3")
         # ConfigMap keys often carry no extension; treat those as plain text.
         default = "txt" if source.config_map else None
         pattern = "*" if source.config_map else source.glob

@@ -17,7 +17,7 @@ from ragtune.api.workload import IndexConfig
 
 from .chunking import Chunk, chunk_document
 from .embedding import Embedder, ModelRef
-from .loaders import Document, LoadResult, S3Fetcher, boto3_fetcher, load_sources
+from .loaders import Document, LoadResult, load_sources
 from .state import Manifest, VectorCache, content_key
 from .store import Rows, VersionInfo, index_params, is_server_uri, now, open_store, validate_index
 
@@ -125,8 +125,7 @@ def embed_missing(plan: Plan, cache: VectorCache, embedder: Embedder, progress: 
     return vectors
 
 
-def run_index(config: IndexConfig, reporter: Any, embedder: Embedder | None = None,
-              s3_fetcher: S3Fetcher = boto3_fetcher) -> dict[str, Any]:
+def run_index(config: IndexConfig, reporter: Any, embedder: Embedder | None = None) -> dict[str, Any]:
     """Runs one pass; returns the result the operator shows in the VectorIndex's status."""
     started = time.monotonic()
     spec = config.spec
@@ -134,7 +133,7 @@ def run_index(config: IndexConfig, reporter: Any, embedder: Embedder | None = No
     progress = Progress(reporter)
     try:
         progress.update(force=True, phase="Loading", documents=0, documentsTotal=0, chunks=0, chunksTotal=0)
-        loaded = load_documents(config, s3_fetcher)
+        loaded = load_documents(config)
         store = open_store(config.store_uri, config.collection)
         with store.exclusive():
             progress.update(force=True, phase="LoadingModel", documentsTotal=len(loaded.documents))
@@ -150,8 +149,8 @@ def run_index(config: IndexConfig, reporter: Any, embedder: Embedder | None = No
             "durationSeconds": round(time.monotonic() - started, 3)}
 
 
-def load_documents(config: IndexConfig, s3_fetcher: S3Fetcher) -> LoadResult:
-    loaded = load_sources(config.spec.sources, config.source_paths, config.spec.formats, s3_fetcher)
+def load_documents(config: IndexConfig) -> LoadResult:
+    loaded = load_sources(config.spec.sources, config.source_paths, config.spec.formats)
     for skipped in loaded.skipped:  # the Job log keeps the full list even where a status message is cut
         log.warning("skipped %s: %s", skipped.path, skipped.reason)
     if not loaded.documents:
