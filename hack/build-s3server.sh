@@ -21,7 +21,7 @@ exec 9>"$out.lock"
 flock 9
 if [[ ! -x "$out/s3server" ]]; then
   echo "build-s3server: building hack/s3server (gofakes3 from the Go module proxy on a cold machine)" >&2
-  (cd "$here/s3server" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out/s3server.tmp" .) \
+  (cd "$here/s3server" && CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags "-s -w" -o "$out/s3server.tmp" .) \
     && mv "$out/s3server.tmp" "$out/s3server"
 fi
 echo "$out/s3server"

@@ -1,5 +1,5 @@
 """Shared fixtures: the local control plane is started once per test session (or an already running one is
-reused), and only what this session started is stopped at the end."""
+reused), and only what this session started is stopped at the end; so is the S3 server, built on first use."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "hack"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import localcluster  # noqa: E402
+import s3server  # noqa: E402
 from kube import Kube  # noqa: E402
 from operator_process import OperatorProcess  # noqa: E402
 
@@ -60,6 +61,32 @@ def namespace(kube: Kube):
     name = kube.create_namespace()
     yield name
     kube.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> s3server.S3Server:
+    """hack/s3server on a free loopback port for the session. Where it cannot be built (no Go, no module proxy)
+    the tests that need it are skipped, except in CI, where that is a failure."""
+    try:
+        server = s3server.S3Server(s3server.build(), tmp_path_factory.mktemp("s3server") / "server.log")
+        server.start()
+    except s3server.S3ServerError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the S3 server is needed in CI: {exc}", pytrace=False)
+        pytest.skip(f"no S3 server: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> s3server.S3Server:
+    """The S3 server, with the environment a workload pod gets from a location's credentialsSecret and nothing
+    else of AWS's from the machine running the tests."""
+    for name in ("AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3server.ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3server.SECRET_KEY)
+    return s3_server
 
 
 def pytest_collection_modifyitems(items):
