@@ -215,6 +215,14 @@ def test_rayservice_runtime_renders_serve_config_v2_from_the_same_config():
     assert ray["readinessProbe"]["httpGet"]["port"] == "dashboard" and "exec" not in ray["livenessProbe"]
 
 
+@pytest.mark.parametrize("topology, scaled", [("auto", "Generator"), ("split", "Generator"), ("colocated", "Ingress")])
+def test_rayservice_scales_the_deployment_that_holds_the_engine(topology, scaled):
+    spec = HybridEndpointSpec.model_validate({**HEP, "replicas": 3, "topology": topology})
+    objs = by_kind(endpoint.build(body("HybridEndpoint"), spec, "rayservice", ADAPTER, INDEX))
+    app = yaml.safe_load(objs["RayService"]["spec"]["serveConfigV2"])["applications"][0]
+    assert app["deployments"] == [{"name": scaled, "num_replicas": 3}]
+
+
 def test_configs_round_trip_through_json_for_the_workloads():
     spec = ftj_spec()
     config = finetune.workload_config(finetune.common.owner_info(body("FineTuneJob")), spec)

@@ -154,8 +154,8 @@ def write_cranfield_corpus(directory: Path, count: int) -> list:
 def serve_config(path: Path, *, name: str, mode: str, model: Path, adapter: Path | None, store: Path | None,
                  engine: str = "auto", api_key_file: Path | None = None, top_k: int = 4,
                  score_threshold: float | None = 0.3, max_model_len: int = 1024, max_tokens: int = 24,
-                 prompt: dict | None = None, collection: str = "cranfield") -> Path:
-    spec: dict[str, Any] = {"mode": mode, "model": {"name": "tiny-llama", "servedName": name},
+                 prompt: dict | None = None, collection: str = "cranfield", topology: str = "auto") -> Path:
+    spec: dict[str, Any] = {"mode": mode, "model": {"name": "tiny-llama", "servedName": name}, "topology": topology,
                             "engine": {"name": engine, "maxModelLen": max_model_len, "maxTokens": max_tokens,
                                        "maxLoraRank": 8},
                             "prompt": prompt or {}}

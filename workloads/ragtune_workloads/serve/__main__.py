@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_from_config(config), name=config.owner.name, route_prefix="/")
+        serve.run(build_from_config(config, runtime="deployment"), name=config.owner.name, route_prefix="/")
         log.info("serving %s on %s:%d", config.owner.name, args.host, args.port)
         stop.wait()
     except Exception as exc:

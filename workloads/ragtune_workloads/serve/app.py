@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ragtune.api.hybridendpoint import resolve_topology
 from ragtune.api.workload import ServeConfig
 
 from . import openai_api as api
@@ -39,13 +40,16 @@ RETRIEVAL_BATCH_SIZE = 16
 RETRIEVAL_BATCH_WAIT_S = 0.0
 
 
-# --------------------------------------------------------------------------------------------------- Retriever
+# ------------------------------------------------------------------------------------- retrieval and generation
 
 
-@serve.deployment(name="Retriever", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0})
-class RetrieverDeployment:
-    def __init__(self, config: dict[str, Any]):
-        self.service = RetrievalService(parse_config(config).retrieval)
+class Retrieval:
+    """Query embedding and search through the active index version, batched: requests that arrive while a batch
+    runs form the next batch by themselves, so batching costs nothing at low load. Used in the Retriever
+    deployment (split topology) and inside the Ingress (colocated)."""
+
+    def __init__(self, config: ServeConfig):
+        self.service = RetrievalService(config.retrieval)
 
     @serve.batch(max_batch_size=RETRIEVAL_BATCH_SIZE, batch_wait_timeout_s=RETRIEVAL_BATCH_WAIT_S)
     async def retrieve(self, requests: list[tuple[str, int]]) -> list[dict[str, Any]]:
@@ -61,26 +65,21 @@ class RetrieverDeployment:
         name, _ = await asyncio.to_thread(self.service.current_version)
         return name
 
-    def __del__(self):
-        service = getattr(self, "service", None)
-        if service is not None:
-            service.close()
+    def close(self) -> None:
+        self.service.close()
 
 
-# --------------------------------------------------------------------------------------------------- Generator
+class Generation:
+    """The engine with the adapter checked, answering in plain dicts (what crosses a deployment boundary)."""
 
-
-@serve.deployment(name="Generator", max_ongoing_requests=64)
-class GeneratorDeployment:
-    def __init__(self, config: dict[str, Any]):
-        serve_config = parse_config(config)
-        verify_adapter(serve_config)
-        settings = endpoint_settings(serve_config)
-        context_length = model_context_length(settings.base_model, serve_config.spec.engine.max_model_len)
-        kind = choose_engine(serve_config.spec.engine.name, vllm_available())
-        self.engine = create_engine(kind, engine_settings(serve_config, context_length))
+    def __init__(self, config: ServeConfig):
+        verify_adapter(config)
+        settings = endpoint_settings(config)
+        context_length = model_context_length(settings.base_model, config.spec.engine.max_model_len)
+        kind = choose_engine(config.spec.engine.name, vllm_available())
+        self.engine = create_engine(kind, engine_settings(config, context_length))
         log.info("generator ready: %s engine, model %s, adapter %s", kind, settings.base_model,
-                 serve_config.adapter.name if settings.uses_adapter else "none")
+                 config.adapter.name if settings.uses_adapter else "none")
 
     async def generate(self, prompt_ids: list[int], params: dict[str, Any], use_adapter: bool) -> dict[str, Any]:
         started = time.perf_counter()
@@ -99,11 +98,48 @@ class GeneratorDeployment:
     def engine_name(self) -> str:
         return self.engine.name
 
-    def __del__(self):
+    def close(self) -> None:
         # vLLM runs its engine core in a child process: stop it with the replica rather than leave it orphaned.
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
+        self.engine.close()
+
+
+@serve.deployment(name="Retriever", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0})
+class RetrieverDeployment:
+    def __init__(self, config: dict[str, Any]):
+        self.retrieval = Retrieval(parse_config(config))
+
+    async def retrieve(self, request: tuple[str, int]) -> dict[str, Any]:
+        return await self.retrieval.retrieve(request)
+
+    async def version(self) -> str:
+        return await self.retrieval.version()
+
+    def __del__(self):
+        retrieval = getattr(self, "retrieval", None)
+        if retrieval is not None:
+            retrieval.close()
+
+
+@serve.deployment(name="Generator", max_ongoing_requests=64)
+class GeneratorDeployment:
+    def __init__(self, config: dict[str, Any]):
+        self.generation = Generation(parse_config(config))
+
+    async def generate(self, prompt_ids: list[int], params: dict[str, Any], use_adapter: bool) -> dict[str, Any]:
+        return await self.generation.generate(prompt_ids, params, use_adapter)
+
+    async def stream(self, prompt_ids: list[int], params: dict[str, Any],
+                     use_adapter: bool) -> AsyncIterator[dict[str, Any]]:
+        async for item in self.generation.stream(prompt_ids, params, use_adapter):
+            yield item
+
+    def engine_name(self) -> str:
+        return self.generation.engine_name()
+
+    def __del__(self):
+        generation = getattr(self, "generation", None)
+        if generation is not None:
+            generation.close()
 
 
 # ----------------------------------------------------------------------------------------------------- Ingress
@@ -139,22 +175,49 @@ def _streaming(body: AsyncIterator[bytes]) -> StreamingResponse:
 @serve.deployment(name="Ingress", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress(http)
 class Ingress:
-    def __init__(self, config: dict[str, Any], generator: DeploymentHandle, retriever: DeploymentHandle | None):
+    """The HTTP API. Split topology: `generator` and `retriever` are handles to their deployments. Colocated (both
+    None): the engine and the index run in this replica, so a request crosses no deployment boundary."""
+
+    def __init__(self, config: dict[str, Any], generator: DeploymentHandle | None = None,
+                 retriever: DeploymentHandle | None = None):
         from transformers import AutoTokenizer
 
+        import sys
+        sys.setswitchinterval(float(__import__("os").environ.get("RAGTUNE_SWITCH_INTERVAL", "0.0005")))
         serve_config: ServeConfig = parse_config(config)
+        self.colocated = generator is None
         self.settings = endpoint_settings(serve_config)
         self.context_length = model_context_length(self.settings.base_model, serve_config.spec.engine.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.base_model)
         self.api_key = ApiKey(serve_config.api_key_file)
         self.generator = generator
         self.retriever = retriever
+        self.local_generation = Generation(serve_config) if self.colocated else None
+        self.local_retrieval = Retrieval(serve_config) if self.colocated and self.settings.has_index else None
         self.metrics = Metrics()
+        has_retrieval = retriever is not None or self.local_retrieval is not None
         self.answerer = Answerer(self.settings, self.tokenizer, self.context_length,
-                                 self._retrieve if retriever is not None else None)
+                                 self._retrieve if has_retrieval else None)
 
     async def _retrieve(self, query: str, k: int) -> dict[str, Any]:
+        if self.local_retrieval is not None:
+            return await self.local_retrieval.retrieve((query, k))
         return await self.retriever.retrieve.remote((query, k))
+
+    async def _index_version(self) -> str | None:
+        if self.local_retrieval is not None:
+            return await self.local_retrieval.version()
+        return await self.retriever.version.remote() if self.retriever is not None else None
+
+    async def _engine_name(self) -> str:
+        if self.local_generation is not None:
+            return self.local_generation.engine_name()
+        return await self.generator.engine_name.remote()
+
+    def __del__(self):
+        for part in (getattr(self, "local_retrieval", None), getattr(self, "local_generation", None)):
+            if part is not None:
+                part.close()
 
     # ---- helpers ---------------------------------------------------------------------------------------------
 
@@ -186,7 +249,10 @@ class Ingress:
     async def _generate(self, plan: Plan) -> dict[str, Any]:
         if plan.canned is not None:
             return {"text": plan.canned, "completion_tokens": 0, "finish_reason": "stop", "seconds": 0.0}
-        result = await self.generator.generate.remote(plan.prompt_ids, asdict(plan.params), plan.use_adapter)
+        if self.local_generation is not None:
+            result = await self.local_generation.generate(plan.prompt_ids, asdict(plan.params), plan.use_adapter)
+        else:
+            result = await self.generator.generate.remote(plan.prompt_ids, asdict(plan.params), plan.use_adapter)
         self.metrics.generation_latency.observe(result["seconds"])
         self.metrics.record_tokens(len(plan.prompt_ids), result["completion_tokens"])
         return result
@@ -195,8 +261,11 @@ class Ingress:
         if plan.canned is not None:
             yield {"text": plan.canned, "completion_tokens": 0, "finish_reason": "stop", "seconds": 0.0}
             return
-        stream = self.generator.options(stream=True).stream.remote(plan.prompt_ids, asdict(plan.params),
-                                                                   plan.use_adapter)
+        if self.local_generation is not None:
+            stream = self.local_generation.stream(plan.prompt_ids, asdict(plan.params), plan.use_adapter)
+        else:
+            stream = self.generator.options(stream=True).stream.remote(plan.prompt_ids, asdict(plan.params),
+                                                                       plan.use_adapter)
         async for item in stream:
             if item["finish_reason"]:
                 self.metrics.generation_latency.observe(item["seconds"])
@@ -300,10 +369,8 @@ class Ingress:
     @http.get("/readyz")
     async def readyz(self) -> Response:
         try:
-            engine = await asyncio.wait_for(self.generator.engine_name.remote(), READY_TIMEOUT_SECONDS)
-            version = None
-            if self.retriever is not None:
-                version = await asyncio.wait_for(self.retriever.version.remote(), READY_TIMEOUT_SECONDS)
+            engine = await asyncio.wait_for(self._engine_name(), READY_TIMEOUT_SECONDS)
+            version = await asyncio.wait_for(self._index_version(), READY_TIMEOUT_SECONDS)
         except Exception as exc:
             return JSONResponse({"status": "not ready", "reason": f"{type(exc).__name__}: {exc}"}, status_code=503)
         return JSONResponse({"status": "ready", "model": self.settings.served_model, "engine": engine,
@@ -322,14 +389,18 @@ def generator_actor_options(config: ServeConfig) -> dict[str, Any]:
     return {"num_gpus": gpus, "num_cpus": 1} if gpus else {"num_cpus": 1}
 
 
-def build_from_config(config: ServeConfig) -> serve.Application:
+def build_from_config(config: ServeConfig, runtime: str = "rayservice") -> serve.Application:
+    """The application for `runtime` (rayservice: the deployments may spread over a Ray cluster; deployment: one
+    pod). The topology follows spec.topology, where auto means colocated in one pod and split on a Ray cluster."""
     settings = endpoint_settings(config)
     wire = config.model_dump(mode="json", by_alias=True)
+    if resolve_topology(config.spec.topology, runtime) == "colocated":
+        return Ingress.options(ray_actor_options=generator_actor_options(config)).bind(wire)
     generator = GeneratorDeployment.options(ray_actor_options=generator_actor_options(config)).bind(wire)
     retriever = RetrieverDeployment.bind(wire) if settings.has_index else None
     return Ingress.bind(wire, generator, retriever)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Ray Serve application builder: args {"config": path of the ServeConfig JSON}."""
-    return build_from_config(load_config(args["config"]))
+    """Ray Serve application builder (KubeRay's serveConfigV2): args {"config": path of the ServeConfig JSON}."""
+    return build_from_config(load_config(args["config"]), runtime="rayservice")

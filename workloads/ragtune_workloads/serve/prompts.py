@@ -68,13 +68,37 @@ def with_question_turn(messages: list[dict[str, str]], user_turn: str) -> list[d
     return [*messages[:last_user], {"role": "user", "content": user_turn}, *messages[last_user + 1:]]
 
 
+def rust_tokenizer(tokenizer: Any) -> Any | None:
+    """The `tokenizers` object behind a fast tokenizer when calling it directly gives the wrapper's ids: no
+    truncation or padding left configured on it. Calling it skips the wrapper's per-call bookkeeping, which
+    costs more than the tokenisation of a prompt (a request tokenises several texts)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend
+
+
+def encode(tokenizer: Any, text: str, special_tokens: bool = False) -> list[int]:
+    backend = rust_tokenizer(tokenizer)
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=special_tokens).ids
+    return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+
+
+def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    backend = rust_tokenizer(tokenizer)
+    if backend is not None:
+        return [len(e.ids) for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+
+
 def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode(tokenizer, text)
     # A base model without a chat template gets a plain transcript ending where the answer starts.
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
-    return list(tokenizer(text)["input_ids"])
+    return encode(tokenizer, text, special_tokens=True)
 
 
 @dataclass
@@ -91,10 +115,6 @@ def direct_prompt(tokenizer: Any, system: str | None, messages: list[dict[str, s
     if len(ids) + max_tokens > context_length:
         raise PromptTooLongError(len(ids), max_tokens, context_length)
     return Prompt(ids, final)
-
-
-def token_count(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def grounded_prompt(tokenizer: Any, system: str | None, template: str, messages: list[dict[str, str]],
@@ -114,9 +134,11 @@ def grounded_prompt(tokenizer: Any, system: str | None, template: str, messages:
     if len(empty_ids) > budget:
         raise PromptTooLongError(len(empty_ids), max_tokens, context_length)
     room = budget - len(empty_ids)
+    # A chunk's number in the prompt depends on how many went before it; the cost of the number's digits is
+    # counted as if it kept its rank (a chunk skipped before it changes the number by one digit at most).
+    costs = token_counts(tokenizer, [CHUNK_SEPARATOR + format_chunk(rank, hit) for rank, hit in enumerate(hits, 1)])
     chosen: list[dict[str, Any]] = []
-    for hit in hits:
-        cost = token_count(tokenizer, CHUNK_SEPARATOR + format_chunk(len(chosen) + 1, hit))
+    for hit, cost in zip(hits, costs):
         if cost <= room:
             chosen.append(hit)
             room -= cost
