@@ -182,8 +182,6 @@ class Ingress:
                  retriever: DeploymentHandle | None = None):
         from transformers import AutoTokenizer
 
-        import sys
-        sys.setswitchinterval(float(__import__("os").environ.get("RAGTUNE_SWITCH_INTERVAL", "0.0005")))
         serve_config: ServeConfig = parse_config(config)
         self.colocated = generator is None
         self.settings = endpoint_settings(serve_config)
