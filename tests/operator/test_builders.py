@@ -223,6 +223,18 @@ def test_rayservice_scales_the_deployment_that_holds_the_engine(topology, scaled
     assert app["deployments"] == [{"name": scaled, "num_replicas": 3}]
 
 
+def test_s3_credentials_reach_the_pod_once_with_the_optional_session_token_and_region():
+    s3 = {"uri": "s3://bucket/rows", "credentialsSecret": "s3-keys", "endpoint": "http://minio:9000"}
+    spec = ftj_spec(dataset={"source": "s3", "s3": s3}, output={"s3": {**s3, "uri": "s3://bucket/out"}})
+    container = by_kind(finetune.build(body("FineTuneJob"), spec))["Job"]["spec"]["template"]["spec"]["containers"][0]
+    env = [e for e in container["env"] if e["name"].startswith("AWS_")]
+    assert [e["name"] for e in env] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                                        "AWS_ENDPOINT_URL"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+    assert all(ref["name"] == "s3-keys" for ref in refs.values())
+    assert [name for name, ref in refs.items() if ref.get("optional")] == ["AWS_SESSION_TOKEN", "AWS_REGION"]
+
+
 def test_configs_round_trip_through_json_for_the_workloads():
     spec = ftj_spec()
     config = finetune.workload_config(finetune.common.owner_info(body("FineTuneJob")), spec)

@@ -39,7 +39,8 @@ class S3Location(ApiModel):
     endpoint: str | None = Field(default=None, description="S3-compatible endpoint URL; AWS when empty.")
     credentials_secret: str | None = Field(
         default=None,
-        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, exposed to the workload as env.",
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN, "
+        "AWS_REGION), exposed to the workload as env.",
     )
 
 

@@ -107,9 +107,25 @@ def s3_env(credentials_secret: str | None, endpoint: str | None) -> list[dict[st
     if credentials_secret:
         env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": credentials_secret, "key": k}}}
                 for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+        # temporary credentials and the region, where the Secret has them
+        env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": credentials_secret, "key": k, "optional": True}}}
+                for k in ("AWS_SESSION_TOKEN", "AWS_REGION")]
     if endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
     return env
+
+
+def unique_env(env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first entry of each name: locations that share a Secret or an endpoint give the same variables, and
+    a pod spec should hold each name once. Locations with different Secrets cannot both be honoured through one
+    environment; the first one given wins."""
+    seen: set[str] = set()
+    unique = []
+    for entry in env:
+        if entry["name"] not in seen:
+            seen.add(entry["name"])
+            unique.append(entry)
+    return unique
 
 
 def config_volume(config_map_name: str) -> tuple[dict[str, Any], dict[str, Any]]:

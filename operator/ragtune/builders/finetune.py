@@ -99,7 +99,7 @@ def job(owner: OwnerInfo, spec: FineTuneJobSpec, n: dict[str, str], config_diges
         "name": "finetune",
         "image": image(spec),
         "command": ["python", "-m", "ragtune_workloads.finetune", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"],
-        "env": env,
+        "env": common.unique_env(env),
         "resources": common.container_resources(spec.resources),
         "volumeMounts": mounts,
         "securityContext": common.restricted_container_security(),

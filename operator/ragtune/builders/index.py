@@ -113,7 +113,7 @@ def pod_template(owner: OwnerInfo, spec: VectorIndexSpec, config_name: str, conf
                 "name": "index",
                 "image": image(spec),
                 "command": ["python", "-m", "ragtune_workloads.index", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"],
-                "env": env,
+                "env": common.unique_env(env),
                 "resources": common.container_resources(spec.resources),
                 "volumeMounts": mounts,
                 "securityContext": common.restricted_container_security(),
