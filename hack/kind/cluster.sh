@@ -53,12 +53,6 @@ nodes:
     extraMounts:
       - hostPath: $data
         containerPath: /ragtune-data
-kubeadmConfigPatches:
-  - |
-    kind: ClusterConfiguration
-    controllerManager:
-      extraArgs:
-        enable-hostpath-provisioner: "true"
 YAML
   log "creating cluster $name from $image"
   "$kind" create cluster --name "$name" --image "$image" --config "$state/cluster.yaml" \

@@ -6,6 +6,7 @@
 #   ragtune.local/kind-base:<key>           kind's base image (systemd, containerd, runc, CNI plugins) from Debian
 #                                           packages and the base files inside the sigs.k8s.io/kind module
 #   registry.k8s.io/{kube-*,etcd,coredns,pause}  component images from the binaries of build-k8s.sh/build-bins.sh
+#   ragtune.local/local-path-provisioner:<version>-<key>  the default StorageClass's provisioner (and its helper pod)
 #   ragtune.local/kind-node:v1.34.4-<key>   the node: base + kubelet/kubeadm/kubectl + preloaded component images
 # `node-image.sh --debian-base` builds and prints only the local base image.
 # Needs root, a Docker engine (hack/docker/engine.sh up) and debootstrap (installed with apt when missing).
@@ -28,7 +29,9 @@ node_packages=(
   bash ca-certificates curl jq procps containerd runc containernetworking-plugins
 )
 
-self_key="$(cat "$0" "$here/node/cni.conflist" | sha256sum | cut -c1-12)"  # the node image is assembled again when this script changes
+self_key="$(cat "$0" "$here/node/cni.conflist" "$here/node/default-storage.yaml" | sha256sum | cut -c1-12)"
+# rancher/local-path-provisioner, the default StorageClass kind's own node images carry
+storage_version="v0.0.30"  # the node image is assembled again when this script changes
 # The local base changes only with the suite and mirror (bump the trailing tag to force a rebuild).
 debian_packages="ca-certificates,python3,python3-venv"
 debian_image="ragtune.local/debian:$suite-$(echo "$suite $mirror $debian_packages 1" | sha256sum | cut -c1-12)"
@@ -99,6 +102,29 @@ customize_kind_base() {
   chroot "$root" systemctl mask systemd-binfmt.service >/dev/null 2>&1
 }
 
+# The provisioner on the local base (its helper pods need a shell, mkdir and rm); prints the image.
+storage_image() {
+  local out="$cache_root/kind/local-path-provisioner-$storage_version-$(go env GOVERSION)"
+  local image="ragtune.local/local-path-provisioner:$storage_version-$(echo "$debian_image" | sha256sum | cut -c1-12)"
+  if ! has_image "$image"; then
+    if [[ ! -x "$out/local-path-provisioner" ]]; then
+      log "building local-path-provisioner $storage_version"
+      mkdir -p "$out"
+      GOBIN="$out" CGO_ENABLED=0 GOFLAGS=-trimpath go install -ldflags "-s -w" \
+        "github.com/rancher/local-path-provisioner@$storage_version" >&2
+    fi
+    local ctx="$work/ctx-local-path-provisioner"
+    rm -rf "$ctx"; mkdir -p "$ctx"
+    cp "$out/local-path-provisioner" "$ctx/"
+    printf 'FROM %s\nCOPY local-path-provisioner /usr/local/bin/local-path-provisioner\n' "$debian_image" >"$ctx/Dockerfile"
+    log "image $image"
+    DOCKER_BUILDKIT=0 docker build -q -t "$image" "$ctx" >/dev/null 2>"$work/build.log" \
+      || { cat "$work/build.log" >&2; die "building $image failed"; }
+    rm -rf "$ctx"
+  fi
+  echo "$image"
+}
+
 # A component image: one static binary at /usr/local/bin (or / for pause and coredns) on scratch or the local base.
 component_image() {  # name binary path-in-image [base]
   local image="$1" binary="$2" target="$3" base="${4:-}"
@@ -134,7 +160,7 @@ if [[ "${1:-}" == --debian-base ]]; then debian_base; echo "$debian_image"; exit
 cp_bin="$(bash "$repo/hack/build-k8s.sh")"
 node_bin="$(bash "$here/build-bins.sh")"
 bins_key="$(basename "$node_bin")-$(basename "$(dirname "$cp_bin")")"
-node_image="ragtune.local/kind-node:$k8s_version-$(echo "$self_key $bins_key $debian_image" | sha256sum | cut -c1-12)"
+node_image="ragtune.local/kind-node:$k8s_version-$(echo "$self_key $bins_key $debian_image $storage_version" | sha256sum | cut -c1-12)"
 if has_image "$node_image"; then echo "$node_image"; exit 0; fi
 start=$(date +%s)
 
@@ -159,6 +185,7 @@ component_image "$(image_for etcd)" "$cp_bin/etcd" /usr/local/bin/etcd
 component_image "$(image_for coredns)" "$node_bin/coredns" /coredns
 component_image "$(image_for pause)" "$node_bin/pause" /pause
 component_image "$(image_for kube-proxy)" "$node_bin/kube-proxy" /usr/local/bin/kube-proxy "$debian_image"
+storage="$(storage_image)"
 
 log "assembling $node_image"
 # no volume on /var: the imported images must land in the committed image
@@ -180,10 +207,12 @@ metadata:
 data:
   network: "bridge CNI with host-local IPAM, configured in the node image at /etc/cni/net.d/10-ragtune-bridge.conflist"
 YAML
+sed "s#@IMAGE@#$storage#g" "$here/node/default-storage.yaml" \
+  | docker exec -i "$cid" bash -c 'cat >/kind/manifests/default-storage.yaml'
 docker exec "$cid" bash -c 'nohup containerd >/tmp/containerd.log 2>&1 & for i in $(seq 1 100); do ctr version >/dev/null 2>&1 && exit 0; sleep 0.1; done; cat /tmp/containerd.log; exit 1'
-docker save "${required[@]}" \
+docker save "${required[@]}" "$storage" \
   | docker exec -i "$cid" ctr --namespace=k8s.io images import --all-platforms --no-unpack --digests - >/dev/null
-for image in "${required[@]}"; do
+for image in "${required[@]}" "$storage"; do
   docker exec "$cid" ctr --namespace=k8s.io images label "$image" io.cri-containerd.pinned=pinned >/dev/null
 done
 docker exec "$cid" bash -c 'pkill containerd; for i in $(seq 1 50); do pgrep containerd >/dev/null || exit 0; sleep 0.1; done'
