@@ -1,7 +1,9 @@
 """Serving benchmark: ragtune's endpoint vs the seed's server shape, on Cranfield, with the same model and embedder.
 
-- ragtune: `python -m ragtune_workloads.serve` (Ray Serve: ingress → retriever (milvus-lite) → generator), mode rag,
-  engine auto (vLLM where installed, `--engine` to choose), POST /v1/chat/completions;
+- ragtune: `python -m ragtune_workloads.serve` (Ray Serve in one process tree, as in a pod; topology auto =
+  colocated: retrieval (milvus-lite) and generation inside the ingress replica; `--topology split` for separate
+  Retriever and Generator deployments), mode rag, engine auto (vLLM where installed, `--engine` to choose),
+  POST /v1/chat/completions;
 - baseline (the seed's shape): one FastAPI app (uvicorn) with a LlamaIndex retriever over Chroma
   (`VectorStoreIndex` + `HuggingFaceEmbedding`, a `SentenceSplitter` of the same size in the same model's tokens) and
   the same tiny Llama generating with transformers in the request thread, POST /query.
@@ -227,6 +229,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], default=None)
+    parser.add_argument("--topology", choices=["auto", "colocated", "split"], default="auto")
     parser.add_argument("--baseline-server", nargs=5, metavar=("CORPUS", "MODEL", "EMBEDDER", "WORK", "PORT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,7 +264,7 @@ def main() -> int:
         baseline_port, ragtune_port = free_port(), free_port()
         config = fx.serve_config(work / "serve.json", name="bench", mode="rag", model=model, adapter=None,
                                  store=work / "store", engine=engine, top_k=TOP_K, score_threshold=None,
-                                 max_model_len=MAX_MODEL_LEN, max_tokens=MAX_TOKENS)
+                                 max_model_len=MAX_MODEL_LEN, max_tokens=MAX_TOKENS, topology=args.topology)
 
         def start_baseline() -> Server:
             return Server("baseline", [sys.executable, __file__, "--baseline-server", str(corpus), str(model),
@@ -307,7 +310,7 @@ def main() -> int:
             targets.append(target(f"outside-generation time vs baseline, cold, {clients} clients, p50 (ratio)",
                                   round(r, 3), TARGET_RATIO, r <= TARGET_RATIO))
         report = {
-            "benchmark": "serve", "quick": args.quick, "engine": served_engine, "documents": documents,
+            "benchmark": "serve", "quick": args.quick, "engine": served_engine, "topology": args.topology, "documents": documents,
             "chunks": index["chunks"], "requestsPerLevel": per_level, "maxTokens": MAX_TOKENS, "topK": TOP_K,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "loadAverage1m": round(os.getloadavg()[0], 2)},

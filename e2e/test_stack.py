@@ -66,6 +66,22 @@ def test_vectorindex_indexes_the_documents(kind, namespace):
     assert kind.get("cronjob", "docs-refresh", namespace), "the schedule has no CronJob"
 
 
+def test_a_vectorindex_without_a_volume_gets_one_from_the_default_storage_class(kind, namespace):
+    index = stack.sample("vectorindex.yaml", namespace)[0]
+    index["metadata"]["name"] = "docs-own-store"
+    del index["spec"]["store"], index["spec"]["schedule"]
+    kind.apply([index])
+    status = stack.status(stack.wait_ready(kind, "vectorindex", "docs-own-store", namespace, timeout=900))
+    assert status["documents"] == len(DOCS) and status["chunks"] >= len(DOCS), status
+    claims = [c for c in kind.list("persistentvolumeclaims", namespace)
+              if c["metadata"]["name"].startswith("docs-own-store")]
+    assert len(claims) == 1 and claims[0]["status"]["phase"] == "Bound", claims
+    assert claims[0]["spec"]["storageClassName"] == "standard"  # the cluster's default class, not named in the spec
+    volume = kind.get("persistentvolume", claims[0]["spec"]["volumeName"])
+    assert volume["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"] == "rancher.io/local-path"
+    kind.kubectl("delete", "vectorindex.ragtune.io", "docs-own-store", "-n", namespace, "--wait=true", timeout=300)
+
+
 def ask(url: str, question: str = QUESTION, timeout: float = 120):
     from openai import OpenAI
 
