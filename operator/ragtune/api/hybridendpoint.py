@@ -110,9 +110,10 @@ class HybridEndpointSpec(ApiModel):
                                                                  "a Deployment running Ray Serve in one pod.")
     topology: Literal["auto", "colocated", "split"] = Field(
         default="auto", description="colocated: retrieval and generation run inside the ingress replica, so a "
-        "request crosses no deployment boundary (lowest latency; everything scales together). split: Retriever "
-        "and Generator are Ray Serve deployments of their own (generation scales alone and can sit on GPU "
-        "workers while the ingress stays on CPU). auto: colocated in runtime deployment, split in a RayService.")
+        "request crosses no deployment boundary (lowest latency at low and moderate load; everything scales "
+        "together). split: Retriever and Generator are Ray Serve deployments of their own (more throughput when "
+        "the CPUs are saturated; generation scales alone and can sit on GPU workers while the ingress stays on "
+        "CPU). auto: colocated in runtime deployment, split in a RayService.")
     port: int = Field(default=8000, ge=1024, le=65535)
     image: str | None = None
 
