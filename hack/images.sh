@@ -49,6 +49,14 @@ if [[ "${OFFLINE:-1}" != 0 ]]; then
   build_args+=(--network host --build-arg "PIP_FIND_LINKS=$url")
 fi
 
+if [[ " ${images[*]} " == *" finetune"* ]]; then
+  # The fine-tuning images carry llama.cpp's converter (output.gguf); the build context takes it from build/.
+  converter="$(bash "$root/hack/llama-cpp.sh")"
+  rm -rf "$root/build/llama.cpp"
+  mkdir -p "$root/build"
+  cp -r "$converter" "$root/build/llama.cpp"
+fi
+
 for image in "${images[@]}"; do
   case "$image" in
     operator) dockerfile="$root/operator/Dockerfile"; target=() ;;
