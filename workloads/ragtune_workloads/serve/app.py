@@ -183,15 +183,15 @@ class Ingress:
         from transformers import AutoTokenizer
 
         serve_config: ServeConfig = parse_config(config)
-        self.colocated = generator is None
+        colocated = generator is None
         self.settings = endpoint_settings(serve_config)
         self.context_length = model_context_length(self.settings.base_model, serve_config.spec.engine.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.base_model)
         self.api_key = ApiKey(serve_config.api_key_file)
         self.generator = generator
         self.retriever = retriever
-        self.local_generation = Generation(serve_config) if self.colocated else None
-        self.local_retrieval = Retrieval(serve_config) if self.colocated and self.settings.has_index else None
+        self.local_generation = Generation(serve_config) if colocated else None
+        self.local_retrieval = Retrieval(serve_config) if colocated and self.settings.has_index else None
         self.metrics = Metrics()
         has_retrieval = retriever is not None or self.local_retrieval is not None
         self.answerer = Answerer(self.settings, self.tokenizer, self.context_length,
