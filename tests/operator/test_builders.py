@@ -127,10 +127,12 @@ def test_endpoint_deployment_mounts_adapter_index_and_key_and_rolls_without_down
     assert config.retrieval.store_uri == "/store" and config.retrieval.collection == "ns_docs"
     assert config.retrieval.query_prefix == "query: "
     assert config.retrieval.query_backend == "onnx"  # the endpoint's default, whatever the index ran
-    torch_spec = HybridEndpointSpec.model_validate({**HEP, "retrieval": {**HEP["retrieval"], "queryBackend": "torch"}})
-    torch_objs = by_kind(endpoint.build(body("HybridEndpoint"), torch_spec, "deployment", ADAPTER, INDEX))
-    assert ServeConfig.model_validate_json(torch_objs["ConfigMap"]["data"]["config.json"]).retrieval.query_backend \
-        == "torch"
+    assert config.retrieval.query_precision == "fp32"
+    openvino_spec = HybridEndpointSpec.model_validate(
+        {**HEP, "retrieval": {**HEP["retrieval"], "queryBackend": "openvino", "queryPrecision": "bf16"}})
+    openvino_objs = by_kind(endpoint.build(body("HybridEndpoint"), openvino_spec, "deployment", ADAPTER, INDEX))
+    target = ServeConfig.model_validate_json(openvino_objs["ConfigMap"]["data"]["config.json"]).retrieval
+    assert (target.query_backend, target.query_precision) == ("openvino", "bf16")
     assert config.api_key_file == "/var/run/ragtune/api-key/api-key"
     deployment = objs["Deployment"]
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}

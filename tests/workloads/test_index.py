@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -302,13 +303,30 @@ def test_an_endpoint_embeds_queries_with_onnx_and_falls_back_to_torch(model_path
     monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
     chosen = query_embedder(target)
     assert (chosen.backend, chosen.query_prefix) == ("onnx", "q: ")
-    assert chosen._direct.session.get_session_options().intra_op_num_threads == 1  # requests run side by side
+    assert chosen._direct.runner.session.get_session_options().intra_op_num_threads == 1  # requests run side by side
     (tmp_path / "not-a-dir").write_text("")
     monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "not-a-dir" / "onnx"))  # the export cannot be written
     fallback = query_embedder(target)
     assert fallback.backend == "torch"
     assert ((fallback.embed_queries(["lift"]) * chosen.embed_queries(["lift"])).sum() > 0.9999)
     assert query_embedder(target.model_copy(update={"query_backend": "torch"})).backend == "torch"
+
+
+def test_an_endpoint_embeds_queries_with_openvino_at_the_precision_it_names(model_path, tmp_path, monkeypatch):
+    pytest.importorskip("openvino", reason="retrieval.queryBackend=openvino needs openvino")
+    from ragtune.api.workload import RetrievalTarget
+    from ragtune_workloads.serve.retriever import query_embedder
+
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
+    target = RetrievalTarget(store_uri=str(tmp_path), collection="c", embedding_model=MODEL_NAME,
+                             model_path=model_path, query_backend="openvino", query_precision="bf16")
+    chosen = query_embedder(target)
+    assert (chosen.backend, chosen.precision) == ("openvino", "bf16")
+    assert chosen._direct.runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1  # requests side by side
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "not-a-dir" / "onnx"))  # the export cannot be written
+    fallback = query_embedder(target)
+    assert (fallback.backend, fallback.precision) == ("torch", "bf16")  # the arithmetic asked for, in torch
 
 
 def test_int8_precision_stays_close_to_fp32_and_is_quantised_once(embedder, model_path, tmp_path, monkeypatch):
@@ -333,8 +351,50 @@ def test_bf16_precision_stays_within_rounding_of_fp32(embedder, model_path):
 
 
 def test_a_precision_the_backend_cannot_run_is_refused(model_path):
-    with pytest.raises(ValueError, match="bf16 needs torch"):
+    with pytest.raises(ValueError, match="bf16 runs on torch or openvino; onnx runs fp32 or int8"):
         Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx", precision="bf16")
+    with pytest.raises(ValueError, match="int8 runs on onnx; openvino runs fp32 or bf16"):
+        Embedder(ModelRef(MODEL_NAME, model_path), backend="openvino", precision="int8")
+
+
+def openvino_embedder(model_path: str, precision: str, **kwargs) -> Embedder:
+    pytest.importorskip("openvino", reason="spec.embedding.backend=openvino needs openvino")
+    return Embedder(ModelRef(MODEL_NAME, model_path), backend="openvino", precision=precision, **kwargs)
+
+
+def test_openvino_fp32_gives_the_same_vectors_and_answers(first_run, embedder, model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
+    config, _, _ = first_run
+    openvino = openvino_embedder(model_path, "fp32")
+    # OpenVINO would choose bf16 by itself on a CPU with AMX: fp32 is pinned, not left to the runtime.
+    assert openvino.model._ragtune_runner[0].precision == "fp32"
+    texts = ["shock waves on a blunt body", "heat transfer " * 80, "lift"]
+    assert (openvino.embed_documents(texts) * embedder.embed_documents(texts)).sum(axis=1).min() > 0.9999
+    assert (openvino.embed_queries(texts) * embedder.embed_queries(texts)).sum(axis=1).min() > 0.9999  # direct
+    with Retriever(config.store_uri, config.collection, openvino) as by_openvino, \
+            Retriever(config.store_uri, config.collection, embedder) as by_reference:
+        for query in ["boundary layer transition on a flat plate", "buckling of thin cylindrical shells"]:
+            assert [h.id for h in by_openvino.search(query, k=5)] == [h.id for h in by_reference.search(query, k=5)]
+
+
+def test_openvino_bf16_stays_within_rounding_of_fp32(embedder, model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
+    bf16 = openvino_embedder(model_path, "bf16")
+    if bf16.model._ragtune_runner[0].precision != "bf16":
+        pytest.skip("this CPU has no bf16 arithmetic (AMX or AVX-512 BF16): OpenVINO runs f32")
+    assert_close_but_not_identical(bf16, embedder, 0.999)
+    queries = ["lift", "supersonic flow past a cone", "  Heat transfer  "]
+    assert ((bf16.embed_queries(queries) * embedder.embed_queries(queries)).sum(axis=1) > 0.999).all()
+
+
+def test_openvino_answers_concurrent_callers_each_with_its_own_vector(model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
+    openvino = openvino_embedder(model_path, "fp32", threads=1)
+    queries = [f"pressure distribution number {i} on a swept wing" + " at incidence" * (i % 5) for i in range(24)]
+    alone = openvino.embed_queries(queries)
+    with ThreadPoolExecutor(max_workers=6) as pool:  # one inference request per thread, none shared
+        together = np.concatenate(list(pool.map(lambda q: openvino.embed_queries([q]), queries)))
+    assert np.allclose(together, alone, atol=1e-5)
 
 
 def assert_close_but_not_identical(variant: Embedder, fp32: Embedder, floor: float) -> None:

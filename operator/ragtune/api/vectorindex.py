@@ -42,8 +42,9 @@ class ChunkingSpec(ApiModel):
 
 class EmbeddingSpec(ApiModel):
     model_config = validations(
-        cel("self.precision != 'bf16' || self.backend == 'torch'",
-            "embedding.precision bf16 runs under torch: set embedding.backend to torch, or precision to fp32"),
+        cel("self.precision != 'bf16' || self.backend in ['torch', 'openvino']",
+            "embedding.precision bf16 runs under torch or OpenVINO: set embedding.backend to torch or openvino, or "
+            "precision to fp32"),
         cel("self.precision != 'int8' || self.backend == 'onnx'",
             "embedding.precision int8 quantises the ONNX export: set embedding.backend to onnx, or precision to fp32"),
     )
@@ -54,10 +55,11 @@ class EmbeddingSpec(ApiModel):
     batch_size: int = Field(default=64, ge=1, le=4096)
     normalize: bool = True
     backend: Literal["torch", "onnx", "openvino"] = Field(
-        default="torch", description="sentence-transformers backend. onnx runs the same weights in onnxruntime "
-        "(same vectors); openvino as sentence-transformers runs it.")
+        default="torch", description="Runtime of the embedding model. onnx and openvino export the same weights "
+        "once and run the export in onnxruntime or the OpenVINO runtime (the same vectors to float rounding in "
+        "fp32).")
     precision: Literal["fp32", "bf16", "int8"] = Field(
-        default="fp32", description="Arithmetic of the embedding model. bf16 (torch): about 2.5x faster on CPUs "
+        default="fp32", description="Arithmetic of the embedding model. bf16 (torch, openvino): about 2.5x faster on CPUs "
         "with AMX or AVX-512 BF16 and on GPUs, vectors within cosine 0.9999 of fp32. int8 (onnx): int8 weights, "
         "about 1.5x faster than fp32 onnx on AVX-512 VNNI CPUs, vectors within cosine 0.99 — check recall on "
         "your data. Changing it embeds every chunk again.")

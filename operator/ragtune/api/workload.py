@@ -69,7 +69,8 @@ class RetrievalTarget(ApiModel):
     model_path: str | None = None
     query_prefix: str = Field(default="", max_length=256, description="Prepended to queries before embedding; "
                               "must match the VectorIndex's embedding.queryPrefix (e.g. for bge/e5 models).")
-    query_backend: Literal["onnx", "torch"] = "onnx"  # HybridEndpoint spec.retrieval.queryBackend
+    query_backend: Literal["onnx", "openvino", "torch"] = "onnx"  # HybridEndpoint spec.retrieval.queryBackend
+    query_precision: Literal["fp32", "bf16", "int8"] = "fp32"  # and its queryPrecision
 
 
 class ServeConfig(ApiModel):

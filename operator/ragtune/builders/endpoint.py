@@ -76,7 +76,8 @@ def workload_config(owner: OwnerInfo, spec: HybridEndpointSpec, adapter: Resolve
                       if index.embedding_claim else None)
         retrieval = RetrievalTarget(store_uri=uri, collection=index.collection, embedding_model=index.embedding_model,
                                     model_path=model_path, query_prefix=index.query_prefix,
-                                    query_backend=spec.retrieval.query_backend)
+                                    query_backend=spec.retrieval.query_backend,
+                                    query_precision=spec.retrieval.query_precision)
     model_path = None
     if spec.model.source == "pvc" and spec.model.pvc:
         model_path = f"{MODEL_MOUNT}/{spec.model.pvc.path.lstrip('/')}".rstrip("/")

@@ -3,17 +3,18 @@
 Texts are sorted by length before batching so each batch pads to similar lengths (the main cost on CPU is
 padding tokens); results come back in the caller's order.
 
-Backends (spec.embedding.backend): `torch` runs the model as loaded. `onnx` exports the model's transformer once
-with torch.onnx and runs it in onnxruntime, in fp32, so vectors match torch's to float rounding; tokenisation,
-pooling and normalisation stay in sentence-transformers. (sentence-transformers' own ONNX and OpenVINO backends
-need optimum-onnx / optimum-intel, which cap transformers below the version this image ships.) `openvino` is
-passed to sentence-transformers as is.
+Backends (spec.embedding.backend): `torch` runs the model as loaded. `onnx` and `openvino` export the model's
+transformer once with torch.onnx (cached by weights) and run the export in onnxruntime or the OpenVINO runtime;
+tokenisation, pooling and normalisation stay in sentence-transformers, or, for a few texts (a query), in a direct
+path here. (sentence-transformers' own ONNX and OpenVINO backends need optimum-onnx / optimum-intel, which cap
+transformers below the version this image ships.)
 
-Precision (spec.embedding.precision), never changed behind the user's back: `fp32` as the model ships; `bf16`
-runs torch under bfloat16 autocast (matrix products in bf16, accumulations and normalisation in fp32) — about 2.5x
-faster on CPUs with AMX or AVX-512 BF16, vectors within cosine 0.9999 of fp32; `int8` quantises the ONNX export's
-weights with onnxruntime's dynamic quantisation (activations per batch) — about 1.5x faster than fp32 onnx on
-AVX-512 VNNI, vectors within cosine 0.99.
+Precision (spec.embedding.precision), never changed behind the user's back: `fp32` as the model ships (OpenVINO,
+which would pick bf16 by itself on AMX CPUs, is pinned to f32); `bf16` runs torch under bfloat16 autocast (matrix
+products in bf16, accumulations and normalisation in fp32) or OpenVINO with a bf16 inference precision — about
+2.5x faster on CPUs with AMX or AVX-512 BF16, vectors within cosine 0.9999 of fp32; `int8` quantises the ONNX
+export's weights with onnxruntime's dynamic quantisation (activations per batch) — about 1.5x faster than fp32
+onnx on AVX-512 VNNI, vectors within cosine 0.99.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Special tokens ([CLS] … [SEP]) take room in the model's window that chunk text cannot use.
 SPECIAL_TOKENS = 2
-# Up to this many texts (a query, a few concurrent queries) an onnx model is run directly: sentence-transformers'
+# Up to this many texts (a query, a few concurrent queries) an exported model is run directly: sentence-transformers'
 # batching machinery costs about as much as the model itself on one short text.
 DIRECT_MAX_TEXTS = 8
 
@@ -87,16 +89,25 @@ def quantize_int8(path: Path) -> Path:
     return quantized
 
 
-def use_onnxruntime(model, ref: ModelRef, int8: bool = False, threads: int | None = None) -> None:
-    """Swaps the transformer inside a loaded SentenceTransformer for an onnxruntime session of the same
-    weights; everything around it (tokeniser, pooling, normalisation) is untouched."""
-    import onnxruntime
+# What each backend can run; the CRDs' CEL rules say the same to the user.
+PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+EXPORTED_BACKENDS = ("onnx", "openvino")
+
+
+def check_precision(backend: str, precision: str) -> None:
+    if backend not in PRECISIONS:
+        raise ValueError(f"embedding backend {backend!r}: use one of {', '.join(PRECISIONS)}")
+    if precision not in PRECISIONS[backend]:
+        able = [name for name, precisions in PRECISIONS.items() if precision in precisions]
+        raise ValueError(f"embedding precision {precision!r} does not run on backend {backend}: "
+                         f"{precision} runs on {' or '.join(able) or 'no backend'}; {backend} runs "
+                         f"{' or '.join(PRECISIONS[backend])}")
+
+
+def onnx_export(model, ref: ModelRef, input_names: list[str]) -> Path:
+    """The cached fp32 ONNX export of the model's transformer."""
     import torch
 
-    module = model[0]
-    transformer = module.model
-    input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
-                   if n in model.tokenizer.model_input_names]
     # Keyed by the weight files too: a model replaced at the same path must not reuse an old export.
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(ref.path).glob("*")
                      if f.suffix in (".safetensors", ".bin")) if ref.path else []
@@ -104,18 +115,70 @@ def use_onnxruntime(model, ref: ModelRef, int8: bool = False, threads: int | Non
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     path = onnx_cache_dir() / f"{key}.onnx"
     if not path.exists():
-        export_onnx(transformer, input_names, path)
-    if int8:
-        path = quantize_int8(path)
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle worker threads would otherwise spin after each call and take CPU from the rest of the process.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        export_onnx(model[0].model, input_names, path)
+    return path
 
-    class OnnxTransformer(torch.nn.Module):
+
+class OrtRunner:
+    """An onnxruntime session of the export: feeds in, last hidden state out (safe across threads)."""
+
+    def __init__(self, path: Path, threads: int | None):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle worker threads would otherwise spin after each call and take CPU from the rest of the process.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(["last_hidden_state"], feeds)[0]
+
+
+class OpenVinoRunner:
+    """The export compiled by OpenVINO for the CPU with the precision asked for; one infer request per calling
+    thread (a request runs one inference at a time)."""
+
+    HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+    def __init__(self, path: Path, precision: str, threads: int | None):
+        import openvino
+
+        config = {"INFERENCE_PRECISION_HINT": self.HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
+        # What the runtime really runs, in the spec's words (fp32, bf16).
+        ran = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.precision = {"f32": "fp32"}.get(ran, ran)
+        self._local = threading.local()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        return request.infer(feeds)[0]  # a copy: the request's own buffer is reused by its next call
+
+
+def use_exported_runtime(model, ref: ModelRef, backend: str = "onnx", precision: str = "fp32",
+                         threads: int | None = None) -> None:
+    """Swaps the transformer inside a loaded SentenceTransformer for an onnxruntime session or an OpenVINO
+    compiled model of the same weights; everything around it (tokeniser, pooling, normalisation) is untouched."""
+    import torch
+
+    module = model[0]
+    transformer = module.model
+    input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
+                   if n in model.tokenizer.model_input_names]
+    path = onnx_export(model, ref, input_names)
+    if backend == "openvino":
+        runner = OpenVinoRunner(path, precision, threads)
+    else:
+        runner = OrtRunner(quantize_int8(path) if precision == "int8" else path, threads)
+
+    class ExportedTransformer(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.config = transformer.config
@@ -124,10 +187,10 @@ def use_onnxruntime(model, ref: ModelRef, int8: bool = False, threads: int | Non
             feeds = {n: features[n].numpy().astype("int64") for n in input_names if n in features}
             if "token_type_ids" in input_names and "token_type_ids" not in feeds:
                 feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-            return {"last_hidden_state": torch.from_numpy(session.run(["last_hidden_state"], feeds)[0])}
+            return {"last_hidden_state": torch.from_numpy(runner(feeds))}
 
-    module.model = OnnxTransformer()
-    model._ragtune_onnx = (session, input_names)  # for Embedder's direct path
+    module.model = ExportedTransformer()
+    model._ragtune_runner = (runner, input_names)  # for Embedder's direct path
 
 
 def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str | None = None,
@@ -137,10 +200,10 @@ def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str
         raise EmbeddingModelError(f"embedding model {ref.name!r} not found: {ref.path} is not a directory")
     from sentence_transformers import SentenceTransformer  # after the cheap check: importing it takes seconds
     try:
-        model = SentenceTransformer(location, device=device or "cpu", backend="torch" if backend == "onnx" else backend,
+        model = SentenceTransformer(location, device=device or "cpu", backend="torch",
                                     local_files_only=bool(ref.path) or os.environ.get("HF_HUB_OFFLINE") == "1")
-        if backend == "onnx":
-            use_onnxruntime(model, ref, int8=precision == "int8", threads=threads)
+        if backend in EXPORTED_BACKENDS:
+            use_exported_runtime(model, ref, backend, precision, threads)
         return model
     except Exception as exc:  # the library raises many types (OSError, ValueError, HF errors) for the same cause
         first_line = str(exc).splitlines()[0] if str(exc) else ""
@@ -149,10 +212,10 @@ def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str
 
 
 @dataclass(frozen=True)
-class DirectOnnx:
-    """What running an onnx-backed model without sentence-transformers needs, worked out once per model."""
+class DirectRun:
+    """What running an exported model without sentence-transformers needs, worked out once per model."""
 
-    session: Any
+    runner: Callable[[dict[str, np.ndarray]], np.ndarray]
     input_names: list[str]
     pooling: str  # mean | cls
     lower_case: bool
@@ -160,11 +223,11 @@ class DirectOnnx:
     normalize: bool  # the model ends in a Normalize module
 
 
-def direct_onnx(model) -> DirectOnnx | None:
-    """None where the model is not onnx-backed or has modules the direct path does not reproduce (then
+def direct_run(model) -> DirectRun | None:
+    """None where the model does not run from an export or has modules the direct path does not reproduce (then
     sentence-transformers runs it)."""
-    onnx = getattr(model, "_ragtune_onnx", None)
-    if onnx is None:
+    exported = getattr(model, "_ragtune_runner", None)
+    if exported is None:
         return None
     modules = list(model)
     names = [type(m).__name__ for m in modules]
@@ -173,8 +236,8 @@ def direct_onnx(model) -> DirectOnnx | None:
     pooling = getattr(modules[1], "pooling_mode", None)
     if pooling not in ("mean", "cls"):
         return None
-    session, input_names = onnx
-    return DirectOnnx(session, input_names, pooling, bool(getattr(modules[0], "do_lower_case", False)),
+    runner, input_names = exported
+    return DirectRun(runner, input_names, pooling, bool(getattr(modules[0], "do_lower_case", False)),
                       int(modules[0].max_seq_length), "Normalize" in names)
 
 
@@ -191,11 +254,7 @@ class Embedder:
                  query_prefix: str = "", model=None, precision: str = "fp32", threads: int | None = None):
         """`threads`: onnxruntime's threads per call (default: one per core). A server embedding one query per
         request wants 1: concurrent requests run side by side, and no call waits for a sleeping worker thread."""
-        if precision not in ("fp32", "bf16", "int8"):
-            raise ValueError(f"embedding precision {precision!r}: use fp32, bf16 or int8")
-        if (precision == "bf16" and backend != "torch") or (precision == "int8" and backend != "onnx"):
-            raise ValueError(f"embedding precision {precision} does not run on backend {backend}: bf16 needs torch, "
-                             f"int8 needs onnx")
+        check_precision(backend, precision)
         self.ref = ref
         self.backend = backend
         self.precision = precision
@@ -204,14 +263,17 @@ class Embedder:
         self.query_prefix = query_prefix
         self.model = model if model is not None else load_sentence_transformer(ref, backend, precision=precision,
                                                                                threads=threads)
-        if precision == "bf16" and str(self.model.device) == "cpu" and not cpu_has_bf16():
+        if precision == "bf16" and backend == "openvino" and self.model._ragtune_runner[0].precision != "bf16":
+            log.warning("embedding precision bf16: OpenVINO runs %s on this CPU",
+                        self.model._ragtune_runner[0].precision)
+        elif precision == "bf16" and str(self.model.device) == "cpu" and not cpu_has_bf16():
             log.warning("embedding precision bf16 on a CPU without AMX or AVX-512 BF16: slower than fp32")
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimension = int(dimension())
         # Chunking tokenises whole documents with this (no truncation); encoding still truncates to the model's
         # window, which relies on the tokenizer's own limit staying as loaded.
         self.tokenizer = self.model.tokenizer
-        self._direct = direct_onnx(self.model)
+        self._direct = direct_run(self.model)
 
     @property
     def name(self) -> str:
@@ -222,7 +284,7 @@ class Embedder:
         return int(self.model.max_seq_length) - SPECIAL_TOKENS
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        if self.precision == "bf16":
+        if self.precision == "bf16" and self.backend == "torch":
             import torch
 
             with torch.autocast(device_type=str(self.model.device).split(":")[0], dtype=torch.bfloat16):
@@ -231,13 +293,13 @@ class Embedder:
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         if self._direct is not None and len(texts) <= DIRECT_MAX_TEXTS:
-            return self._onnx_direct(texts)
+            return self._run_direct(texts)
         vectors = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=self.normalize,
                                     convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
 
-    def _onnx_direct(self, texts: Sequence[str]) -> np.ndarray:
-        """The onnx session on the tokenised texts, pooled and normalised here as sentence-transformers would."""
+    def _run_direct(self, texts: Sequence[str]) -> np.ndarray:
+        """The exported model on the tokenised texts, pooled and normalised here as sentence-transformers would."""
         direct = self._direct
         texts = [str(t).strip() for t in texts]
         if direct.lower_case:
@@ -247,7 +309,7 @@ class Embedder:
         feeds = {n: features[n].astype(np.int64) for n in direct.input_names if n in features}
         if "token_type_ids" in direct.input_names and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        hidden = direct.session.run(["last_hidden_state"], feeds)[0]
+        hidden = direct.runner(feeds)
         if direct.pooling == "cls":
             pooled = hidden[:, 0]
         else:

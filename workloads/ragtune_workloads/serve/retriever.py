@@ -17,7 +17,7 @@ import numpy as np
 
 from ragtune.api.workload import RetrievalTarget
 
-from ragtune_workloads.index.embedding import Embedder, ModelRef
+from ragtune_workloads.index.embedding import EXPORTED_BACKENDS, PRECISIONS, Embedder, ModelRef
 from ragtune_workloads.index.retrieval import Hit, Retriever
 
 from .cache import MISSING, VersionedCache
@@ -26,7 +26,7 @@ from .routing import similarity
 log = logging.getLogger(__name__)
 
 EMBEDDING_CACHE_ENTRIES = 4096
-QUERY_THREADS = 1  # onnxruntime threads per query: requests run side by side instead
+QUERY_THREADS = 1  # runtime threads per query: concurrent requests run side by side instead
 RESULT_CACHE_ENTRIES = 4096
 
 
@@ -69,15 +69,18 @@ def hit_to_source(hit: Hit, metric: str) -> dict[str, Any]:
 
 
 def query_embedder(target: RetrievalTarget) -> Embedder:
-    """The endpoint's query embedder: target.query_backend, else torch where the model does not export to onnx
-    (the same weights either way, so the index's vectors fit both)."""
+    """The endpoint's query embedder: target.query_backend at target.query_precision, else torch where the model
+    does not export or the runtime does not start (the same weights either way, so the index's vectors fit both)."""
     ref = ModelRef(target.embedding_model, target.model_path)
-    if target.query_backend == "onnx":
+    if target.query_backend in EXPORTED_BACKENDS:
         try:
-            return Embedder(ref, backend="onnx", query_prefix=target.query_prefix, threads=QUERY_THREADS)
-        except Exception as exc:  # export and onnxruntime fail in many ways; serving must not
-            log.warning("queries embedded with torch: %s did not run in onnxruntime (%s)", target.embedding_model, exc)
-    return Embedder(ref, query_prefix=target.query_prefix)
+            return Embedder(ref, backend=target.query_backend, precision=target.query_precision,
+                            query_prefix=target.query_prefix, threads=QUERY_THREADS)
+        except Exception as exc:  # export and the runtimes fail in many ways; serving must not
+            log.warning("queries embedded with torch: %s did not run in %s (%s)", target.embedding_model,
+                        target.query_backend, exc)
+    precision = target.query_precision if target.query_precision in PRECISIONS["torch"] else "fp32"
+    return Embedder(ref, precision=precision, query_prefix=target.query_prefix)
 
 
 class RetrievalService:
