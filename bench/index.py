@@ -96,13 +96,13 @@ def ragtune_config(corpus: Path, store: Path, model_path: str, backend: str, pre
 class Ragtune:
     def __init__(self, backend: str, precision: str, model_path: str, corpus: Path, work: Path,
                  query_backend: str | None = None):
-        from ragtune_workloads.index.embedding import ADAPTIVE_THREADS, EXPORTED_BACKENDS, Embedder, ModelRef
+        from ragtune_workloads.index.embedding import EXPORTED_BACKENDS, Embedder, ModelRef
 
         self.backend, self.precision, self.model_path, self.corpus, self.work = \
             backend, precision, model_path, corpus, work
         self.embedder = Embedder(ModelRef(MODEL_NAME, model_path), backend=backend, batch_size=64, precision=precision)
         # As a HybridEndpoint with retrieval.queryBackend[/queryPrecision] embeds queries: the same weights, maybe
-        # another runtime and arithmetic, with the endpoint's threads (all cores for a query that runs alone).
+        # another runtime and arithmetic, one thread per query in the exported runtimes (as the endpoint runs them).
         self.query_backend = query_backend
         if query_backend is None:
             self.query_embedder = self.embedder
@@ -110,7 +110,7 @@ class Ragtune:
             runtime, _, query_precision = query_backend.partition(":")
             self.query_embedder = Embedder(ModelRef(MODEL_NAME, model_path), backend=runtime,
                                            precision=query_precision or "fp32",
-                                           threads=ADAPTIVE_THREADS if runtime in EXPORTED_BACKENDS else None)
+                                           threads=1 if runtime in EXPORTED_BACKENDS else None)
         self.embedder.embed_documents(["warm up the model"])
         self.runs = 0
 

@@ -8,7 +8,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -304,9 +303,7 @@ def test_an_endpoint_embeds_queries_with_onnx_and_falls_back_to_torch(model_path
     monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
     chosen = query_embedder(target)
     assert (chosen.backend, chosen.query_prefix) == ("onnx", "q: ")
-    runner = chosen._direct.runner  # every core for a query alone, one thread each for overlapping queries
-    assert runner.together.session.get_session_options().intra_op_num_threads == 1
-    assert runner.alone.session.get_session_options().intra_op_num_threads == 0  # onnxruntime's default: all
+    assert chosen._direct.runner.session.get_session_options().intra_op_num_threads == 1  # requests run side by side
     (tmp_path / "not-a-dir").write_text("")
     monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "not-a-dir" / "onnx"))  # the export cannot be written
     fallback = query_embedder(target)
@@ -325,38 +322,11 @@ def test_an_endpoint_embeds_queries_with_openvino_at_the_precision_it_names(mode
                              model_path=model_path, query_backend="openvino", query_precision="bf16")
     chosen = query_embedder(target)
     assert (chosen.backend, chosen.precision) == ("openvino", "bf16")
-    assert chosen._direct.runner.together.compiled.get_property("INFERENCE_NUM_THREADS") == 1  # side by side
-    assert chosen._direct.runner.alone.compiled.get_property("INFERENCE_NUM_THREADS") != 1
+    assert chosen._direct.runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1  # requests side by side
     (tmp_path / "not-a-dir").write_text("")
     monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "not-a-dir" / "onnx"))  # the export cannot be written
     fallback = query_embedder(target)
     assert (fallback.backend, fallback.precision) == ("torch", "bf16")  # the arithmetic asked for, in torch
-
-
-def test_a_query_alone_gets_every_core_and_overlapping_queries_one_thread_each():
-    from ragtune_workloads.index.embedding import AloneOrTogetherRunner
-
-    started, release = threading.Event(), threading.Event()
-    calls = []
-
-    def build(threads):
-        def run(feeds):
-            calls.append((threads, feeds["n"]))
-            if feeds["n"] == 1:  # the first call holds its runner until the second has run
-                started.set()
-                release.wait(10)
-            return threads
-        return run
-
-    runner = AloneOrTogetherRunner(build)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        first = pool.submit(runner, {"n": 1})
-        assert started.wait(10)
-        assert runner({"n": 2}) == 1  # overlapped the first: one thread
-        release.set()
-        assert first.result(10) is None  # alone when it started: the runtime's default, every core
-    assert runner({"n": 3}) is None and runner.running == 0  # alone again once both finished
-    assert calls == [(None, 1), (1, 2), (None, 3)]
 
 
 def test_int8_precision_stays_close_to_fp32_and_is_quantised_once(embedder, model_path, tmp_path, monkeypatch):

@@ -92,8 +92,6 @@ def quantize_int8(path: Path) -> Path:
 # What each backend can run; the CRDs' CEL rules say the same to the user.
 PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
 EXPORTED_BACKENDS = ("onnx", "openvino")
-# Embedder(threads=...): every core for a call that runs alone, one thread each for calls that overlap.
-ADAPTIVE_THREADS = "adaptive"
 
 
 def check_precision(backend: str, precision: str) -> None:
@@ -164,31 +162,8 @@ class OpenVinoRunner:
         return request.infer(feeds)[0]  # a copy: the request's own buffer is reused by its next call
 
 
-class AloneOrTogetherRunner:
-    """Two instances of one export: a call that runs alone gets every core, calls that overlap get one thread
-    each and run side by side. A server embedding one query per request wants both: the lowest latency when
-    requests come one at a time, no oversubscribed cores when they come together."""
-
-    def __init__(self, build: Callable[[int | None], Callable[[dict[str, np.ndarray]], np.ndarray]]):
-        self.alone = build(None)
-        self.together = build(1)
-        self.precision = getattr(self.alone, "precision", None)  # what the runtime runs, where it says
-        self.running = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        with self._lock:
-            self.running += 1
-            runner = self.alone if self.running == 1 else self.together
-        try:
-            return runner(feeds)
-        finally:
-            with self._lock:
-                self.running -= 1
-
-
 def use_exported_runtime(model, ref: ModelRef, backend: str = "onnx", precision: str = "fp32",
-                         threads: int | str | None = None) -> None:
+                         threads: int | None = None) -> None:
     """Swaps the transformer inside a loaded SentenceTransformer for an onnxruntime session or an OpenVINO
     compiled model of the same weights; everything around it (tokeniser, pooling, normalisation) is untouched."""
     import torch
@@ -198,13 +173,10 @@ def use_exported_runtime(model, ref: ModelRef, backend: str = "onnx", precision:
     input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
                    if n in model.tokenizer.model_input_names]
     path = onnx_export(model, ref, input_names)
-    if backend == "onnx" and precision == "int8":
-        path = quantize_int8(path)
-
-    def build(count: int | None):
-        return OpenVinoRunner(path, precision, count) if backend == "openvino" else OrtRunner(path, count)
-
-    runner = AloneOrTogetherRunner(build) if threads == ADAPTIVE_THREADS else build(threads)
+    if backend == "openvino":
+        runner = OpenVinoRunner(path, precision, threads)
+    else:
+        runner = OrtRunner(quantize_int8(path) if precision == "int8" else path, threads)
 
     class ExportedTransformer(torch.nn.Module):
         def __init__(self):
@@ -222,7 +194,7 @@ def use_exported_runtime(model, ref: ModelRef, backend: str = "onnx", precision:
 
 
 def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str | None = None,
-                              precision: str = "fp32", threads: int | str | None = None):
+                              precision: str = "fp32", threads: int | None = None):
     location = ref.path or ref.name
     if ref.path and not Path(ref.path).is_dir():
         raise EmbeddingModelError(f"embedding model {ref.name!r} not found: {ref.path} is not a directory")
@@ -279,10 +251,9 @@ def cpu_has_bf16() -> bool:
 
 class Embedder:
     def __init__(self, ref: ModelRef, backend: str = "torch", batch_size: int = 64, normalize: bool = True,
-                 query_prefix: str = "", model=None, precision: str = "fp32", threads: int | str | None = None):
-        """`threads`: the exported runtime's threads per call (default: one per core). A server embedding one
-        query per request wants ADAPTIVE_THREADS: every core for a query that arrives alone, one each when they
-        overlap."""
+                 query_prefix: str = "", model=None, precision: str = "fp32", threads: int | None = None):
+        """`threads`: onnxruntime's threads per call (default: one per core). A server embedding one query per
+        request wants 1: concurrent requests run side by side, and no call waits for a sleeping worker thread."""
         check_precision(backend, precision)
         self.ref = ref
         self.backend = backend

@@ -17,7 +17,7 @@ import numpy as np
 
 from ragtune.api.workload import RetrievalTarget
 
-from ragtune_workloads.index.embedding import ADAPTIVE_THREADS, EXPORTED_BACKENDS, PRECISIONS, Embedder, ModelRef
+from ragtune_workloads.index.embedding import EXPORTED_BACKENDS, PRECISIONS, Embedder, ModelRef
 from ragtune_workloads.index.retrieval import Hit, Retriever
 
 from .cache import MISSING, VersionedCache
@@ -26,7 +26,7 @@ from .routing import similarity
 log = logging.getLogger(__name__)
 
 EMBEDDING_CACHE_ENTRIES = 4096
-QUERY_THREADS = ADAPTIVE_THREADS  # all cores for a query alone, one each for queries that overlap
+QUERY_THREADS = 1  # runtime threads per query: concurrent requests run side by side instead
 RESULT_CACHE_ENTRIES = 4096
 
 
