@@ -27,7 +27,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -238,7 +237,7 @@ def direct_run(model) -> DirectRun | None:
         return None
     runner, input_names = exported
     return DirectRun(runner, input_names, pooling, bool(getattr(modules[0], "do_lower_case", False)),
-                      int(modules[0].max_seq_length), "Normalize" in names)
+                     int(modules[0].max_seq_length), "Normalize" in names)
 
 
 def cpu_has_bf16() -> bool:
@@ -252,8 +251,9 @@ def cpu_has_bf16() -> bool:
 class Embedder:
     def __init__(self, ref: ModelRef, backend: str = "torch", batch_size: int = 64, normalize: bool = True,
                  query_prefix: str = "", model=None, precision: str = "fp32", threads: int | None = None):
-        """`threads`: onnxruntime's threads per call (default: one per core). A server embedding one query per
-        request wants 1: concurrent requests run side by side, and no call waits for a sleeping worker thread."""
+        """`threads`: the exported runtime's threads per call (onnxruntime, OpenVINO; default: one per core). A
+        server embedding one query per request wants 1: concurrent requests run side by side, and no call waits
+        for a sleeping worker thread."""
         check_precision(backend, precision)
         self.ref = ref
         self.backend = backend
