@@ -43,6 +43,10 @@ cluster-kubeconfig: ## Print the local control plane's kubeconfig path
 images: ## Build the operator and workload images (BASE_IMAGE=…; offline from a local wheelhouse by default)
 	@bash hack/images.sh
 
+.PHONY: images-gpu
+images-gpu: ## Build the NVIDIA images finetune-gpu and serve-gpu (several GB each; GPU_BASE_IMAGE=…)
+	@IMAGES="finetune-gpu serve-gpu" bash hack/images.sh
+
 .PHONY: kind-up
 kind-up: ## Start Docker if needed, build the offline kind node image (cached) and create the kind cluster
 	@bash hack/kind/cluster.sh up

@@ -3,10 +3,11 @@
 #   BASE_IMAGE   the base of every image. Unset: python:3.11-slim-bookworm when the engine already has it, otherwise
 #                the Debian base debootstrapped by hack/kind/node-image.sh (no registry needed).
 #   OFFLINE=0    install from the package index instead of the local wheelhouse (hack/wheelhouse.sh)
-#   IMAGES       which images (default: operator finetune index serve). finetune-gpu and serve-gpu always install
-#                from the package index, on GPU_BASE_IMAGE (default: the CUDA runtime image when the engine has it,
-#                else BASE_IMAGE; torch's wheels carry the CUDA libraries) with torch from TORCH_GPU_INDEX_URL
-#                (default: PyTorch's cu128 index; set it empty for PyPI's CUDA wheels)
+#   IMAGES       which images (default: operator finetune index serve). finetune-gpu and serve-gpu (several GB
+#                each) build on GPU_BASE_IMAGE (default: the CUDA runtime image when the engine has it, else
+#                BASE_IMAGE; torch's wheels carry the CUDA libraries) from the GPU wheelhouse (hack/wheelhouse.sh
+#                gpu: PyPI's CUDA wheels), or with OFFLINE=0 from the package index with torch from
+#                TORCH_GPU_INDEX_URL (default: PyTorch's cu128 index; set it empty for PyPI's CUDA wheels)
 # Prints the image names.
 set -euo pipefail
 
@@ -35,8 +36,13 @@ if [[ -z "${GPU_BASE_IMAGE:-}" ]] && ! docker image inspect "$gpu_base" >/dev/nu
 gpu_args=(--build-arg "GPU_BASE_IMAGE=$gpu_base")
 if [[ -n "${TORCH_GPU_INDEX_URL+set}" ]]; then gpu_args+=(--build-arg "TORCH_GPU_INDEX_URL=$TORCH_GPU_INDEX_URL"); fi
 server_pid=""
+cpu_wheels_arg=() gpu_wheels_arg=()
 if [[ "${OFFLINE:-1}" != 0 ]]; then
   wheels="$(bash "$root/hack/wheelhouse.sh")"
+  if [[ " ${images[*]} " == *"-gpu "* ]]; then
+    gpu_wheels="$(bash "$root/hack/wheelhouse.sh" gpu)"
+    [[ "$(dirname "$gpu_wheels")" == "$(dirname "$wheels")" ]] || die "the two wheelhouses must share a directory"
+  fi
   # A fixed address, and the wheelhouse's key in the URL: Docker's layer cache then holds exactly as long as the
   # wheelhouse does (build arguments are part of the cache key).
   port="${RAGTUNE_WHEELHOUSE_PORT:-36480}"
@@ -46,7 +52,9 @@ if [[ "${OFFLINE:-1}" != 0 ]]; then
   trap 'kill $server_pid 2>/dev/null || true; rm -f "$log_file"' EXIT
   for _ in $(seq 1 50); do python3 -c "import urllib.request; urllib.request.urlopen('$url')" 2>/dev/null && break; sleep 0.1; done
   kill -0 "$server_pid" 2>/dev/null || die "cannot serve the wheelhouse on 127.0.0.1:$port (set RAGTUNE_WHEELHOUSE_PORT)"
-  build_args+=(--network host --build-arg "PIP_FIND_LINKS=$url")
+  build_args+=(--network host)
+  cpu_wheels_arg=(--build-arg "PIP_FIND_LINKS=$url")
+  [[ -n "${gpu_wheels:-}" ]] && gpu_wheels_arg=(--build-arg "PIP_FIND_LINKS=${url%/*/}/$(basename "$gpu_wheels")/")
 fi
 
 if [[ " ${images[*]} " == *" finetune"* ]]; then
@@ -59,9 +67,11 @@ fi
 
 for image in "${images[@]}"; do
   case "$image" in
-    operator) dockerfile="$root/operator/Dockerfile"; target=() ;;
-    finetune|index|serve) dockerfile="$root/workloads/Dockerfile"; target=(--target "$image") ;;
-    finetune-gpu|serve-gpu) dockerfile="$root/workloads/Dockerfile"; target=(--target "$image" "${gpu_args[@]}") ;;
+    operator) dockerfile="$root/operator/Dockerfile"; target=(${cpu_wheels_arg[@]+"${cpu_wheels_arg[@]}"}) ;;
+    finetune|index|serve) dockerfile="$root/workloads/Dockerfile"
+                          target=(--target "$image" ${cpu_wheels_arg[@]+"${cpu_wheels_arg[@]}"}) ;;
+    finetune-gpu|serve-gpu) dockerfile="$root/workloads/Dockerfile"
+                            target=(--target "$image" "${gpu_args[@]}" ${gpu_wheels_arg[@]+"${gpu_wheels_arg[@]}"}) ;;
     *) die "unknown image $image (operator finetune index serve finetune-gpu serve-gpu)" ;;
   esac
   tag="ragtune/$image:$version"

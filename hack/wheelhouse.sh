@@ -2,6 +2,9 @@
 # Fills a wheelhouse with every wheel the images install (one resolve per image, pinned by hack/constraints.txt,
 # CPU torch from ../shared/wheels where present), cached by a key of its inputs; prints its directory.
 # `make images` serves it on 127.0.0.1 so image builds install offline and identically to the resolve made here.
+#   hack/wheelhouse.sh gpu   the GPU images' wheelhouse instead: workloads/requirements-gpu.txt (finetune-gpu) and
+#                            workloads/requirements-serve-gpu.txt plus the index extra (serve-gpu), CUDA torch
+#                            from the package index; several GB.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,15 +13,28 @@ python="${PYTHON:-python3}"
 log() { echo "wheelhouse: $*" >&2; }
 floor_python="3.11.2"   # Debian bookworm's python3, the local base image's interpreter
 
-# requirement sets: image -> extras (self-references such as ragtune[index] are expanded)
+mode="${1:-cpu}"
+[[ "$mode" == cpu || "$mode" == gpu ]] || { log "usage: wheelhouse.sh [cpu|gpu]"; exit 2; }
+
+# requirement sets: image -> extras (self-references such as ragtune[index] are expanded); file:<path> -> a
+# requirements file of its own
 sets=("operator:operator" "finetune:finetune" "index:index" "serve:serve,vllm")
+if [[ "$mode" == gpu ]]; then
+  sets=("finetune-gpu:file:workloads/requirements-gpu.txt" "serve-gpu:file:workloads/requirements-serve-gpu.txt+index")
+fi
 
 wheels="$root/../shared/wheels"
 torch_args=(--extra-index-url https://download.pytorch.org/whl/cpu)
 if compgen -G "$wheels/torch-*+cpu-*.whl" >/dev/null; then torch_args=(--find-links "$wheels"); fi
 
 
-requirements() {  # extras (comma-separated) -> requirement lines
+requirements() {  # extras (comma-separated) or file:<path>[+extras] -> requirement lines
+  if [[ "$1" == file:* ]]; then
+    local spec="${1#file:}"
+    grep -v '^\s*#' "$root/${spec%%+*}" | grep -v '^\s*$'
+    [[ "$spec" == *+* ]] && "$python" "$root/hack/requirements.py" "$root/pyproject.toml" "${spec#*+}"
+    return 0
+  fi
   "$python" "$root/hack/requirements.py" "$root/pyproject.toml" "$1"
 }
 
@@ -26,6 +42,7 @@ requirements() {  # extras (comma-separated) -> requirement lines
 key="$( { for entry in "${sets[@]}"; do requirements "${entry#*:}"; done; cat "$root/hack/constraints.txt" "$0"
           "$python" -c 'import sys; print(sys.version_info[:2])'; } | sha256sum | cut -c1-12)"
 out="$cache_root/wheels/$key"
+[[ "$mode" == gpu ]] && out="$cache_root/wheels/gpu-$key"
 if [[ -f "$out/.complete" ]]; then echo "$out"; exit 0; fi
 mkdir -p "$out"
 start=$(date +%s)
@@ -34,10 +51,12 @@ for entry in "${sets[@]}"; do
   image="${entry%%:*}" extras="${entry#*:}"
   requirements "$extras" >"$out/requirements-$image.txt"
   log "resolving $image ($extras)"
-  extra=()
-  [[ "$image" != operator ]] && extra=("torch==2.13.0+cpu" "${torch_args[@]}")
-  "$python" -m pip wheel -q -w "$out" -c "$root/hack/constraints.txt" -r "$out/requirements-$image.txt" \
-    "${extra[@]}" >&2
+  extra=(-c "$root/hack/constraints.txt")
+  [[ "$image" != operator ]] && extra+=("torch==2.13.0+cpu" "${torch_args[@]}")
+  # The GPU sets carry their own bounds (unsloth and vLLM pin what they were built against); torch is PyPI's CUDA
+  # build.
+  [[ "$mode" == gpu ]] && extra=()
+  "$python" -m pip wheel -q -w "$out" -r "$out/requirements-$image.txt" ${extra[@]+"${extra[@]}"} >&2
 done
 # build requirements of the ragtune package itself (installed from source in the images)
 "$python" -m pip wheel -q -w "$out" "setuptools>=77" wheel >&2
