@@ -329,6 +329,30 @@ def test_an_endpoint_embeds_queries_with_openvino_at_the_precision_it_names(mode
     assert (fallback.backend, fallback.precision) == ("torch", "bf16")  # the arithmetic asked for, in torch
 
 
+def test_an_endpoint_runs_every_short_query_length_before_serving(model_path, tmp_path, monkeypatch):
+    pytest.importorskip("openvino", reason="retrieval.queryBackend=openvino needs openvino")
+    from ragtune.api.workload import RetrievalTarget
+    from ragtune_workloads.index.embedding import QUERY_WARM_TOKENS, OpenVinoRunner
+    from ragtune_workloads.serve.retriever import query_embedder
+
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
+    queries = ["lift", "supersonic flow past a cone at incidence"]
+    direct = openvino_embedder(model_path, "fp32", threads=1)
+    before = direct.embed_queries(queries)
+    seen: list[tuple[int, ...]] = []
+    run = OpenVinoRunner.__call__
+    monkeypatch.setattr(OpenVinoRunner, "__call__", lambda self, feeds: seen.append(feeds["input_ids"].shape)
+                        or run(self, feeds))
+    assert direct.warm_up_queries() == QUERY_WARM_TOKENS
+    assert np.allclose(direct.embed_queries(queries), before, atol=1e-6)  # the runtime's state is not disturbed
+    seen.clear()
+    target = RetrievalTarget(store_uri=str(tmp_path), collection="c", embedding_model=MODEL_NAME,
+                             model_path=model_path, query_backend="openvino", query_precision="bf16")
+    query_embedder(target)  # OpenVINO builds kernels per input shape: none is left for a request to wait on
+    assert seen == [(1, n) for n in range(1, QUERY_WARM_TOKENS + 1)]
+    assert query_embedder(target.model_copy(update={"query_backend": "torch"})).warm_up_queries() == 0
+
+
 def test_int8_precision_stays_close_to_fp32_and_is_quantised_once(embedder, model_path, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime", reason="spec.embedding.precision=int8 needs onnxruntime")
     pytest.importorskip("onnx", reason="spec.embedding.precision=int8 needs onnx to export the model")

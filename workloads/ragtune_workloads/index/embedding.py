@@ -37,6 +37,10 @@ SPECIAL_TOKENS = 2
 # Up to this many texts (a query, a few concurrent queries) an exported model is run directly: sentence-transformers'
 # batching machinery costs about as much as the model itself on one short text.
 DIRECT_MAX_TEXTS = 8
+# Query lengths (in tokens, special tokens included) an exported runtime is run at once before serving: OpenVINO
+# builds its kernels for each new input shape on first sight (~10 ms on one thread), which a query of a length
+# not seen before would otherwise wait for.
+QUERY_WARM_TOKENS = 64
 
 
 class EmbeddingModelError(RuntimeError):
@@ -332,3 +336,16 @@ class Embedder:
 
     def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
         return self.encode([self.query_prefix + query for query in queries])
+
+    def warm_up_queries(self, max_tokens: int = QUERY_WARM_TOKENS) -> int:
+        """Runs the exported model once at every single-query length up to `max_tokens` (capped by the model's
+        window), so no query waits for its shape's first run; returns how many lengths ran (0 on torch)."""
+        direct = self._direct
+        if direct is None:
+            return 0
+        lengths = range(1, min(max_tokens, direct.max_length) + 1)
+        for length in lengths:
+            ones = np.ones((1, length), dtype=np.int64)
+            feeds = {"input_ids": ones, "attention_mask": ones, "token_type_ids": np.zeros_like(ones)}
+            direct.runner({n: feeds[n] for n in direct.input_names})
+        return len(lengths)

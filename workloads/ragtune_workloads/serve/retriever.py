@@ -74,8 +74,10 @@ def query_embedder(target: RetrievalTarget) -> Embedder:
     ref = ModelRef(target.embedding_model, target.model_path)
     if target.query_backend in EXPORTED_BACKENDS:
         try:
-            return Embedder(ref, backend=target.query_backend, precision=target.query_precision,
-                            query_prefix=target.query_prefix, threads=QUERY_THREADS)
+            embedder = Embedder(ref, backend=target.query_backend, precision=target.query_precision,
+                                query_prefix=target.query_prefix, threads=QUERY_THREADS)
+            embedder.warm_up_queries()
+            return embedder
         except Exception as exc:  # export and the runtimes fail in many ways; serving must not
             log.warning("queries embedded with torch: %s did not run in %s (%s)", target.embedding_model,
                         target.query_backend, exc)
