@@ -7,10 +7,14 @@ import sys
 
 import yaml
 
+from typing import get_args
+
 from ragtune import conditions as c
+from ragtune.api.base import EMBEDDING_PRECISIONS
 from ragtune.api.crdgen import KINDS, crd, render_all
 from ragtune.api.finetunejob import FineTuneJobSpec
-from ragtune.api.hybridendpoint import DEFAULT_RAG_SYSTEM_PROMPT, HybridEndpointSpec
+from ragtune.api.hybridendpoint import DEFAULT_RAG_SYSTEM_PROMPT, HybridEndpointSpec, RetrievalSpec
+from ragtune.api.vectorindex import EmbeddingSpec
 from ragtune.manifests import ROOT
 
 
@@ -58,6 +62,17 @@ def test_crd_defaults_match_the_model_defaults():
     spec_schema = ftj["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec_schema["properties"]["lora"]["default"] == {"r": 16, "alpha": 32, "dropout": 0.05,
                                                             "targetModules": ["all-linear"]}
+
+
+def test_embedding_runtimes_and_precisions_come_from_one_table():
+    precisions = {p for runs in EMBEDDING_PRECISIONS.values() for p in runs}
+    for model, backend, precision in [(EmbeddingSpec, "backend", "precision"),
+                                      (RetrievalSpec, "query_backend", "query_precision")]:
+        assert set(get_args(model.model_fields[backend].annotation)) == set(EMBEDDING_PRECISIONS)
+        assert set(get_args(model.model_fields[precision].annotation)) == precisions
+        rules = model.model_config["json_schema_extra"]["x-kubernetes-validations"]
+        refused = [r for r in rules if " runs on " in r["message"]]
+        assert len(refused) == sum(1 for p in precisions if not all(p in r for r in EMBEDDING_PRECISIONS.values()))
 
 
 def test_rag_prompt_tells_the_model_to_use_only_the_context():

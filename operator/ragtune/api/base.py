@@ -29,6 +29,28 @@ def validations(*rules: dict[str, str]) -> ConfigDict:
     return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})
 
 
+# Which arithmetic each embedding runtime runs: the one table behind the admission rules of a VectorIndex's
+# embedding and a HybridEndpoint's query embedding, and the embedding workload's own check.
+EMBEDDING_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("fp32", "bf16"), "onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+
+
+def precision_rules(prefix: str, backend_field: str, precision_field: str) -> list[dict[str, str]]:
+    """CEL rules refusing a precision on a runtime that does not run it (one per precision some runtime lacks),
+    generated from EMBEDDING_PRECISIONS."""
+    rules = []
+    for precision in dict.fromkeys(p for runs in EMBEDDING_PRECISIONS.values() for p in runs):
+        able = [backend for backend, runs in EMBEDDING_PRECISIONS.items() if precision in runs]
+        if len(able) == len(EMBEDDING_PRECISIONS):
+            continue
+        names = " or ".join(able)
+        rules.append(cel(
+            f"self.{precision_field} != '{precision}' || self.{backend_field} in [{', '.join(repr(b) for b in able)}]",
+            f"{prefix}.{precision_field} {precision} runs on {names}: set {prefix}.{backend_field} to {names}, or "
+            f"{prefix}.{precision_field} to fp32"))
+    return rules
+
+
 class SecretKeyRef(ApiModel):
     name: str = Field(min_length=1, max_length=253, description="Name of a Secret in the object's namespace.")
     key: str = Field(min_length=1, max_length=253, description="Key inside the Secret.")

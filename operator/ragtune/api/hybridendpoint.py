@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import ApiModel, Condition, ObjectReference, PvcLocation, ResourcesSpec, S3Location, cel, validations
+from .base import ApiModel, Condition, ObjectReference, PvcLocation, ResourcesSpec, S3Location, cel, precision_rules, validations
 
 DEFAULT_RAG_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the question using ONLY the context below. "
@@ -43,14 +43,7 @@ class EndpointModelSpec(ApiModel):
 
 
 class RetrievalSpec(ApiModel):
-    model_config = validations(
-        cel("self.queryPrecision != 'bf16' || self.queryBackend in ['openvino', 'torch']",
-            "retrieval.queryPrecision bf16 runs in OpenVINO or torch: set retrieval.queryBackend to openvino, or "
-            "queryPrecision to fp32"),
-        cel("self.queryPrecision != 'int8' || self.queryBackend == 'onnx'",
-            "retrieval.queryPrecision int8 quantises the ONNX export: set retrieval.queryBackend to onnx, or "
-            "queryPrecision to fp32"),
-    )
+    model_config = validations(*precision_rules("retrieval", "queryBackend", "queryPrecision"))
 
     vector_index_ref: ObjectReference
     top_k: int = Field(default=4, ge=1, le=100)

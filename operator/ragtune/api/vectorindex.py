@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import ApiModel, Condition, PvcLocation, ResourcesSpec, S3Location, SecretKeyRef, cel, validations
+from .base import ApiModel, Condition, PvcLocation, ResourcesSpec, S3Location, SecretKeyRef, cel, precision_rules, validations
 
 DEFAULT_EMBEDDING_MODEL = "BAAI/bge-small-en-v1.5"
 DocumentFormat = Literal["txt", "md", "pdf", "html"]
@@ -41,13 +41,7 @@ class ChunkingSpec(ApiModel):
 
 
 class EmbeddingSpec(ApiModel):
-    model_config = validations(
-        cel("self.precision != 'bf16' || self.backend in ['torch', 'openvino']",
-            "embedding.precision bf16 runs under torch or OpenVINO: set embedding.backend to torch or openvino, or "
-            "precision to fp32"),
-        cel("self.precision != 'int8' || self.backend == 'onnx'",
-            "embedding.precision int8 quantises the ONNX export: set embedding.backend to onnx, or precision to fp32"),
-    )
+    model_config = validations(*precision_rules("embedding", "backend", "precision"))
 
     model: str = Field(default=DEFAULT_EMBEDDING_MODEL, min_length=1, max_length=512)
     source: Literal["hf", "pvc"] = "hf"

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ragtune.api.base import EMBEDDING_PRECISIONS
+
 log = logging.getLogger(__name__)
 
 # Special tokens ([CLS] … [SEP]) take room in the model's window that chunk text cannot use.
@@ -93,7 +95,7 @@ def quantize_int8(path: Path) -> Path:
 
 
 # What each backend can run; the CRDs' CEL rules say the same to the user.
-PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+PRECISIONS = EMBEDDING_PRECISIONS  # backend -> the precisions it runs (the API's admission rules come from it too)
 EXPORTED_BACKENDS = ("onnx", "openvino")
 
 
