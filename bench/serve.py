@@ -230,6 +230,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], default=None)
     parser.add_argument("--topology", choices=["auto", "colocated", "split"], default="auto")
+    parser.add_argument("--query-backend", choices=["onnx", "openvino", "torch"], default="onnx",
+                        help="the endpoint's retrieval.queryBackend (default onnx, the API's default)")
+    parser.add_argument("--query-precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                        help="its retrieval.queryPrecision (openvino + bf16: the recommended deployment on AMX CPUs)")
     parser.add_argument("--baseline-server", nargs=5, metavar=("CORPUS", "MODEL", "EMBEDDER", "WORK", "PORT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -264,7 +268,8 @@ def main() -> int:
         baseline_port, ragtune_port = free_port(), free_port()
         config = fx.serve_config(work / "serve.json", name="bench", mode="rag", model=model, adapter=None,
                                  store=work / "store", engine=engine, top_k=TOP_K, score_threshold=None,
-                                 max_model_len=MAX_MODEL_LEN, max_tokens=MAX_TOKENS, topology=args.topology)
+                                 max_model_len=MAX_MODEL_LEN, max_tokens=MAX_TOKENS, topology=args.topology,
+                                 query_backend=args.query_backend, query_precision=args.query_precision)
 
         def start_baseline() -> Server:
             return Server("baseline", [sys.executable, __file__, "--baseline-server", str(corpus), str(model),
@@ -310,7 +315,8 @@ def main() -> int:
             targets.append(target(f"outside-generation time vs baseline, cold, {clients} clients, p50 (ratio)",
                                   round(r, 3), TARGET_RATIO, r <= TARGET_RATIO))
         report = {
-            "benchmark": "serve", "quick": args.quick, "engine": served_engine, "topology": args.topology, "documents": documents,
+            "benchmark": "serve", "quick": args.quick, "engine": served_engine, "topology": args.topology,
+            "query": f"{args.query_backend}:{args.query_precision}", "documents": documents,
             "chunks": index["chunks"], "requestsPerLevel": per_level, "maxTokens": MAX_TOKENS, "topK": TOP_K,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "loadAverage1m": round(os.getloadavg()[0], 2)},

@@ -154,7 +154,8 @@ def write_cranfield_corpus(directory: Path, count: int) -> list:
 def serve_config(path: Path, *, name: str, mode: str, model: Path, adapter: Path | None, store: Path | None,
                  engine: str = "auto", api_key_file: Path | None = None, top_k: int = 4,
                  score_threshold: float | None = 0.3, max_model_len: int = 1024, max_tokens: int = 24,
-                 prompt: dict | None = None, collection: str = "cranfield", topology: str = "auto") -> Path:
+                 prompt: dict | None = None, collection: str = "cranfield", topology: str = "auto",
+                 query_backend: str = "onnx", query_precision: str = "fp32") -> Path:
     spec: dict[str, Any] = {"mode": mode, "model": {"name": "tiny-llama", "servedName": name}, "topology": topology,
                             "engine": {"name": engine, "maxModelLen": max_model_len, "maxTokens": max_tokens,
                                        "maxLoraRank": 8},
@@ -162,7 +163,8 @@ def serve_config(path: Path, *, name: str, mode: str, model: Path, adapter: Path
     if mode != "rag":
         spec["model"]["adapter"] = {"uri": f"file://{adapter}"}
     if mode != "finetuned":
-        spec["retrieval"] = {"vectorIndexRef": {"name": collection}, "topK": top_k}
+        spec["retrieval"] = {"vectorIndexRef": {"name": collection}, "topK": top_k, "queryBackend": query_backend,
+                             "queryPrecision": query_precision}
         if score_threshold is not None:
             spec["retrieval"]["scoreThreshold"] = score_threshold
     config: dict[str, Any] = {"owner": {"kind": "HybridEndpoint", "name": name, "namespace": "test"}, "spec": spec,
@@ -171,7 +173,8 @@ def serve_config(path: Path, *, name: str, mode: str, model: Path, adapter: Path
         config["adapter"] = {"name": ADAPTER_NAME, "path": str(adapter), "baseModel": "tiny-llama"}
     if mode != "finetuned":
         config["retrieval"] = {"storeUri": str(store), "collection": collection, "embeddingModel": EMBEDDING_MODEL,
-                               "modelPath": embedding_model_path()}
+                               "modelPath": embedding_model_path(), "queryBackend": query_backend,
+                               "queryPrecision": query_precision}
     if api_key_file is not None:
         config["apiKeyFile"] = str(api_key_file)
     path.write_text(json.dumps(config, indent=1))
