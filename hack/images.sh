@@ -54,7 +54,9 @@ if [[ "${OFFLINE:-1}" != 0 ]]; then
   kill -0 "$server_pid" 2>/dev/null || die "cannot serve the wheelhouse on 127.0.0.1:$port (set RAGTUNE_WHEELHOUSE_PORT)"
   build_args+=(--network host)
   cpu_wheels_arg=(--build-arg "PIP_FIND_LINKS=$url")
-  [[ -n "${gpu_wheels:-}" ]] && gpu_wheels_arg=(--build-arg "PIP_FIND_LINKS=${url%/*/}/$(basename "$gpu_wheels")/")
+  # GPU targets: the CPU stages before them (the legacy builder runs them all) keep the CPU wheelhouse
+  [[ -n "${gpu_wheels:-}" ]] && gpu_wheels_arg=("${cpu_wheels_arg[@]}"
+                                                 --build-arg "GPU_PIP_FIND_LINKS=${url%/*/}/$(basename "$gpu_wheels")/")
 fi
 
 if [[ " ${images[*]} " == *" finetune"* ]]; then
