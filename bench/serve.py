@@ -11,7 +11,8 @@ Both: all-MiniLM-L6-v2, top-4 chunks, the base model's chat template, greedy dec
 request retrieves (no threshold), so both do the same work and generate the same number of tokens at most.
 
 Each server reports the time spent generating for each request; latency minus that is the time spent outside
-generation (HTTP, routing, embedding, search, prompt building). Concurrency 1, 4 and 16 clients, each level with
+generation (HTTP, routing, embedding, search, prompt building). ragtune's own timings split its share into
+transport (client to replica and back, through Ray Serve's proxy), retrieval and the rest inside the replica. Concurrency 1, 4 and 16 clients, each level with
 queries no earlier level asked (ragtune's caches cannot help: "cold"); then the concurrency-1 queries once more
 ("warm", where ragtune answers retrieval from its per-version cache and the baseline has nothing to reuse).
 Servers are measured one after the other, never together. Prints one JSON object; `--quick` (about a minute): 20
@@ -183,6 +184,7 @@ async def run_level(port: int, build, questions: list[str], clients: int) -> dic
 
     queue = list(questions)
     samples: list[tuple[float, float, int]] = []
+    parts: list[tuple[float, float, float]] = []  # ragtune's own timings: (latency - total, retrieval, rest)
 
     async def worker(http):
         while queue:
@@ -193,6 +195,10 @@ async def run_level(port: int, build, questions: list[str], clients: int) -> dic
             response.raise_for_status()
             answer = response.json()
             samples.append((elapsed, generation_ms(answer), completion_tokens(answer)))
+            if "timings" in answer:
+                timings = answer["timings"]
+                parts.append((elapsed - timings["total_ms"], timings["retrieval_ms"],
+                              timings["total_ms"] - timings["generation_ms"] - timings["retrieval_ms"]))
 
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300,
                                  limits=httpx.Limits(max_connections=clients)) as http:
@@ -207,7 +213,14 @@ async def run_level(port: int, build, questions: list[str], clients: int) -> dic
             "outsideGenerationP50Ms": round(percentile(outside, 0.5), 2),
             "outsideGenerationMeanMs": round(statistics.mean(outside), 2),
             "outsideGenerationShare": round(sum(outside) / sum(latencies), 4),
-            "meanCompletionTokens": round(statistics.mean(s[2] for s in samples), 2)}
+            "meanCompletionTokens": round(statistics.mean(s[2] for s in samples), 2),
+            **({"outsideGenerationPartsP50Ms": {
+                # HTTP from the client through Ray Serve's proxy to the replica and back
+                "transport": round(percentile([x[0] for x in parts], 0.5), 2),
+                # query embedding and search (or the cache)
+                "retrieval": round(percentile([x[1] for x in parts], 0.5), 2),
+                # the rest inside the replica: parsing, routing, context packing and the prompt, the response
+                "replica": round(percentile([x[2] for x in parts], 0.5), 2)}} if parts else {})}
 
 
 def measure(port: int, build, question_sets: dict[int, list[str]], warmup: list[str]) -> dict:
