@@ -11,10 +11,11 @@ Both: all-MiniLM-L6-v2, top-4 chunks, the base model's chat template, greedy dec
 request retrieves (no threshold), so both do the same work and generate the same number of tokens at most.
 
 Each server reports the time spent generating for each request; latency minus that is the time spent outside
-generation (HTTP, routing, embedding, search, prompt building). ragtune's own timings split its share into
-transport (client to replica and back, through Ray Serve's proxy), retrieval and the rest inside the replica. Concurrency 1, 4 and 16 clients, each level with
-queries no earlier level asked (ragtune's caches cannot help: "cold"); then the concurrency-1 queries once more
-("warm", where ragtune answers retrieval from its per-version cache and the baseline has nothing to reuse).
+generation (HTTP, routing, embedding, search, prompt building). ragtune's own timings split its share into transport
+(client to replica and back, through Ray Serve's proxy), retrieval and the rest inside the replica. Concurrency 1, 4
+and 16 clients, each level with queries no earlier level asked (ragtune's caches cannot help: "cold"); then the
+concurrency-1 queries once more ("warm", where ragtune answers retrieval from its per-version cache and the baseline
+has nothing to reuse).
 Servers are measured one after the other, never together. Prints one JSON object; `--quick` (about a minute): 20
 documents, 4 requests per level, the transformers engine (vLLM takes ~40 s to start on 2 cores), and both servers
 started at once (each idle while the other is measured).

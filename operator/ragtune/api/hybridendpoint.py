@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import ApiModel, Condition, ObjectReference, PvcLocation, ResourcesSpec, S3Location, cel, precision_rules, validations
+from .base import (
+    ApiModel, Condition, ObjectReference, PvcLocation, ResourcesSpec, S3Location, cel, precision_rules, validations,
+)
 
 DEFAULT_RAG_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the question using ONLY the context below. "

@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import ApiModel, Condition, PvcLocation, ResourcesSpec, S3Location, SecretKeyRef, cel, precision_rules, validations
+from .base import (
+    ApiModel, Condition, PvcLocation, ResourcesSpec, S3Location, SecretKeyRef, cel, precision_rules, validations,
+)
 
 DEFAULT_EMBEDDING_MODEL = "BAAI/bge-small-en-v1.5"
 DocumentFormat = Literal["txt", "md", "pdf", "html"]

@@ -94,8 +94,8 @@ def quantize_int8(path: Path) -> Path:
     return quantized
 
 
-# What each backend can run; the CRDs' CEL rules say the same to the user.
-PRECISIONS = EMBEDDING_PRECISIONS  # backend -> the precisions it runs (the API's admission rules come from it too)
+# What each backend can run: the API's table, from which the CRDs' CEL rules are generated too.
+PRECISIONS = EMBEDDING_PRECISIONS
 EXPORTED_BACKENDS = ("onnx", "openvino")
 
 
