@@ -48,9 +48,14 @@ class ChildCache:
             else:
                 self._items[owner][name] = value
 
-    def replace(self, owner: OwnerKey, values: dict[str, dict]) -> None:
+    def fill(self, owner: OwnerKey, values: dict[str, dict]) -> None:
+        """Adds what a read from the API found, except children the watch has already recorded: an event may
+        have arrived between that read and now, and a newer state must not be overwritten by an older one (no
+        further event would correct it once the child has stopped changing)."""
         with self._lock:
-            self._items[owner] = dict(values)
+            known = self._items[owner]
+            for name, value in values.items():
+                known.setdefault(name, value)
 
     def get(self, owner: OwnerKey) -> list[dict]:
         with self._lock:

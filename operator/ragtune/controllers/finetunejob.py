@@ -37,9 +37,8 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reaso
             # already have finished: read the Job and its pods once from the API.
             job = shared.api().get("batch/v1", "Job", name, namespace)
             pods = shared.api().list("v1", "Pod", namespace, {"job-name": name}) if job else []
-            if job:
-                cache.JOBS.put(key, name, cache.compact_job(job))
-            cache.PODS.replace(key, {p["metadata"]["name"]: cache.compact_pod(p) for p in pods})
+            cache.JOBS.fill(key, {name: cache.compact_job(job)} if job else {})
+            cache.PODS.fill(key, {p["metadata"]["name"]: cache.compact_pod(p) for p in pods})
         elif not cache.JOBS.get(key):
             cache.JOBS.put(key, name, cache.compact_job(children[-1]))
     # The first status follows shortly, folded together with the new Job's own events: creating children for

@@ -44,8 +44,8 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reaso
             # once from the API.
             jobs = shared.api().list("batch/v1", "Job", namespace, {"ragtune.io/vectorindex": name})
             pods = shared.api().list("v1", "Pod", namespace, {"ragtune.io/vectorindex": name})
-            cache.JOBS.replace(key, {j["metadata"]["name"]: cache.compact_job(j) for j in jobs})
-            cache.PODS.replace(key, {p["metadata"]["name"]: cache.compact_pod(p) for p in pods})
+            cache.JOBS.fill(key, {j["metadata"]["name"]: cache.compact_job(j) for j in jobs})
+            cache.PODS.fill(key, {p["metadata"]["name"]: cache.compact_pod(p) for p in pods})
         if not any(j["metadata"]["name"] == current for j in cache.JOBS.get(key)):
             job = next(c for c in children if c["kind"] == "Job")
             cache.JOBS.put(key, current, cache.compact_job(job))
