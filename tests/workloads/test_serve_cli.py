@@ -62,6 +62,10 @@ def test_single_pod_runtime_serves_and_stops_cleanly_on_sigterm(tmp_path):
                 pass
             time.sleep(1)
         assert ready is not None and ready.status_code == 200, "the pod never became ready"
+        # Direct ingress: the Ingress replica itself listens on the pod's port, not Ray Serve's proxy.
+        listener = next(c.pid for c in psutil.net_connections("tcp")
+                        if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
+        assert "ServeReplica" in " ".join(psutil.Process(listener).cmdline()), psutil.Process(listener).cmdline()
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
             "model": "pod", "messages": [{"role": "user", "content": "what is the capital city of france"}],
             "temperature": 0}).json()

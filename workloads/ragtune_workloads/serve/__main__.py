@@ -3,6 +3,10 @@
 Starts a local Ray instance inside the container, runs the application on it and serves HTTP on --port until
 SIGTERM (a rolling update or scale-down), then shuts Serve and Ray down so the pod exits cleanly. A config that
 cannot be served exits with status 2 and a one-line reason (the pod's termination message).
+
+`--ingress direct` (default): the Ingress replica serves --port itself (Ray Serve's direct ingress). A pod holds
+exactly one Ingress replica, so Ray Serve's HTTP proxy would be a second hop inside the pod that routes nowhere
+else: ~6 ms of a request on two cores against ~0.5 ms direct. `--ingress proxy` serves through the proxy instead.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -22,7 +27,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="ServeConfig JSON (the mounted ConfigMap)")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--ingress", choices=["direct", "proxy"], default="direct",
+                        help="direct: the Ingress replica serves --port; proxy: Ray Serve's HTTP proxy does")
     return parser.parse_args(argv)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve settings (read when Ray starts) that put the one Ingress replica's HTTP server on `port`."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive
+        # A replica that restarts inside the pod must get the pod's one port back at once, not after a quarantine
+        # meant for ports shared between replicas behind a load balancer.
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        # The pod's preStop hook already waits for the Service to stop sending requests before SIGTERM; in-flight
+        # requests are still drained.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    }
 
 
 def write_termination_message(reason: str) -> None:
@@ -48,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         write_termination_message(str(exc))
         return 2
 
+    if args.ingress == "direct":
+        os.environ.update(direct_ingress_env(args.port))
     import ray
     from ray import serve
 
@@ -60,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        # With direct ingress Ray Serve still starts its proxy: it gets a port of its own, unused by clients.
+        proxy_port = free_port(args.host) if args.ingress == "direct" else args.port
+        serve.start(http_options={"host": args.host, "port": proxy_port})
         serve.run(build_from_config(config, runtime="deployment"), name=config.owner.name, route_prefix="/")
         log.info("serving %s on %s:%d", config.owner.name, args.host, args.port)
         stop.wait()
