@@ -2,8 +2,8 @@
 
 - ragtune: `python -m ragtune_workloads.serve` (Ray Serve in one process tree, as in a pod; topology auto =
   colocated: retrieval (milvus-lite) and generation inside the ingress replica; `--topology split` for separate
-  Retriever and Generator deployments), mode rag, engine auto (vLLM where installed, `--engine` to choose),
-  POST /v1/chat/completions;
+  Retriever and Generator deployments; the ingress replica serves HTTP itself, `--ingress proxy` through Ray
+  Serve's proxy), mode rag, engine auto (vLLM where installed, `--engine` to choose), POST /v1/chat/completions;
 - baseline (the seed's shape): one FastAPI app (uvicorn) with a LlamaIndex retriever over Chroma
   (`VectorStoreIndex` + `HuggingFaceEmbedding`, a `SentenceSplitter` of the same size in the same model's tokens) and
   the same tiny Llama generating with transformers in the request thread, POST /query.
@@ -12,7 +12,7 @@ request retrieves (no threshold), so both do the same work and generate the same
 
 Each server reports the time spent generating for each request; latency minus that is the time spent outside
 generation (HTTP, routing, embedding, search, prompt building). ragtune's own timings split its share into transport
-(client to replica and back, through Ray Serve's proxy), retrieval and the rest inside the replica. Concurrency 1, 4
+(client to the replica's handler and back), retrieval and the rest inside the replica. Concurrency 1, 4
 and 16 clients, each level with queries no earlier level asked (ragtune's caches cannot help: "cold"); then the
 concurrency-1 queries once more ("warm", where ragtune answers retrieval from its per-version cache and the baseline
 has nothing to reuse).
@@ -216,7 +216,7 @@ async def run_level(port: int, build, questions: list[str], clients: int) -> dic
             "outsideGenerationShare": round(sum(outside) / sum(latencies), 4),
             "meanCompletionTokens": round(statistics.mean(s[2] for s in samples), 2),
             **({"outsideGenerationPartsP50Ms": {
-                # HTTP from the client through Ray Serve's proxy to the replica and back
+                # HTTP from the client to the replica's handler and back
                 "transport": round(percentile([x[0] for x in parts], 0.5), 2),
                 # query embedding and search (or the cache)
                 "retrieval": round(percentile([x[1] for x in parts], 0.5), 2),
@@ -244,6 +244,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], default=None)
     parser.add_argument("--topology", choices=["auto", "colocated", "split"], default="auto")
+    parser.add_argument("--ingress", choices=["direct", "proxy"], default="direct",
+                        help="how HTTP reaches ragtune's ingress replica (python -m ragtune_workloads.serve --ingress)")
     parser.add_argument("--query-backend", choices=["onnx", "openvino", "torch"], default="onnx",
                         help="the endpoint's retrieval.queryBackend (default onnx, the API's default)")
     parser.add_argument("--query-precision", choices=["fp32", "bf16", "int8"], default="fp32",
@@ -292,7 +294,8 @@ def main() -> int:
 
         def start_ragtune() -> Server:
             return Server("ragtune", [sys.executable, "-m", "ragtune_workloads.serve", "--config", str(config),
-                                      "--host", "127.0.0.1", "--port", str(ragtune_port)], ragtune_port, "/readyz",
+                                      "--host", "127.0.0.1", "--port", str(ragtune_port), "--ingress", args.ingress],
+                          ragtune_port, "/readyz",
                           env, work / "ragtune.log")
 
         # --quick starts both servers together to fit in a minute (each is idle while the other is measured);
@@ -330,6 +333,7 @@ def main() -> int:
                                   round(r, 3), TARGET_RATIO, r <= TARGET_RATIO))
         report = {
             "benchmark": "serve", "quick": args.quick, "engine": served_engine, "topology": args.topology,
+            "ingress": args.ingress,
             "query": f"{args.query_backend}:{args.query_precision}", "documents": documents,
             "chunks": index["chunks"], "requestsPerLevel": per_level, "maxTokens": MAX_TOKENS, "topK": TOP_K,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
