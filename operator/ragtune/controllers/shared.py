@@ -267,7 +267,10 @@ def record_child(kind: str, cache_: cache.ChildCache, compact: Callable, namespa
     if not owner:
         return None
     key = (kind, namespace, owner)
-    cache_.put(key, body["metadata"]["name"], None if event_type == "DELETED" else compact(body))
+    if event_type == "DELETED":
+        cache_.delete(key, body["metadata"]["name"], body["metadata"].get("uid"))
+    else:
+        cache_.put(key, body["metadata"]["name"], compact(body))
     return key
 
 
