@@ -153,14 +153,17 @@ class Server:
         raise SystemExit(f"bench: {self.name} not ready after {STARTUP_SECONDS}s (log {self.log})")
 
     def stop(self) -> None:
+        # SIGTERM to the main process only, as Kubernetes sends it: signalling the whole group would stop Ray's
+        # controller before the server asks it to shut Serve down, which then waits 30 s for a dead actor.
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
             self.process.wait(120)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever it left behind
+        except ProcessLookupError:
+            pass
 
 
 def ragtune_request(question: str) -> tuple[str, dict]:
