@@ -538,3 +538,51 @@ def test_a_second_index_run_on_the_same_store_is_refused_while_one_runs(tmp_path
                 pass
     with second.exclusive():  # released when the first run ends
         pass
+
+
+@pytest.mark.parametrize("metric,index_type", [("COSINE", "HNSW"), ("IP", "FLAT"), ("L2", "IVF_FLAT")])
+def test_the_embedded_reader_answers_exactly_as_pymilvus_does(tmp_path, metric, index_type):
+    """The serving path searches milvus-lite copies in process (`LiteReader`), not over pymilvus' loopback gRPC:
+    same hits, order, distances, text and decoded metadata, with and without a filter."""
+    from pymilvus import MilvusClient
+
+    from ragtune_workloads.index.retrieval import LiteReader
+    from ragtune_workloads.index.store import Rows, VersionInfo, index_params, write_version
+
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(60, 8)).astype(np.float32)
+    if metric == "COSINE":
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    texts = [f"chunk {i}" for i in range(60)]
+    info = VersionInfo(alias="docs", version=1, embedding_model="m", dimension=8, metric=metric,
+                       index_type=index_type, chunks=60, documents=60, vectors_fingerprint="f",
+                       layout_fingerprint="l", search_params=index_params(index_type, 60)[1])
+    path = tmp_path / "milvus.db"
+    queries = [v.tolist() for v in rng.normal(size=(5, 8)).astype(np.float32)]
+    params = {"metric_type": metric, "params": dict(info.search_params)}
+
+    def search(client, name: str, flt: str) -> list:
+        hits = client.search(name, data=queries, limit=6, filter=flt, output_fields=["text", "metadata"],
+                             search_params=params)
+        return [[(str(h["id"]), round(float(h["distance"]), 5), h["entity"]["text"], h["entity"]["metadata"])
+                 for h in per_query] for per_query in hits]
+
+    client = MilvusClient(str(path))
+    try:
+        write_version(client, info, Rows([f"id-{i}" for i in range(60)], vectors, texts,
+                                         [{"path": f"doc{i % 7}.md", "chunk": i} for i in range(60)]))
+        client.load_collection(info.collection)
+        expected = {flt: search(client, info.collection, flt) for flt in ("", 'text != "chunk 3"')}
+    finally:
+        client.close()
+    # As the endpoint does: a private copy of the version (the original stays locked by the process that wrote it).
+    shutil.copytree(path, tmp_path / "copy.db")
+    reader = LiteReader(tmp_path / "copy.db", info.collection)
+    try:
+        for flt, want in expected.items():
+            got = search(reader, info.collection, flt)
+            assert got == want
+            assert all(len(per_query) == 6 for per_query in got)
+            assert isinstance(got[0][0][3], dict) and got[0][0][3]["path"].startswith("doc")
+    finally:
+        reader.close()

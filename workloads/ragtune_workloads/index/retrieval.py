@@ -10,6 +10,7 @@ exactly one version. On a Milvus server the alias does the same job.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -93,11 +94,46 @@ class OpenVersion:
                 shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
+class LiteReader:
+    """A milvus-lite copy opened with milvus-lite's own API, searched with the keyword arguments of pymilvus'
+    `MilvusClient.search`. Through pymilvus a search on a milvus-lite file travels over loopback gRPC to a server
+    thread of this same process: measured, that round trip was ~90 % of a search (~2.2 ms back to back, ~4 ms
+    inside a serving replica), the search itself ~0.15 ms."""
+
+    def __init__(self, data_dir: Path, collection: str):
+        from milvus_lite import DataType, MilvusLite
+
+        self._db = MilvusLite(str(data_dir))
+        try:
+            self._collection = self._db.get_collection(collection)
+            self._collection.load()  # a reopened milvus-lite collection starts released
+        except BaseException:
+            self._db.close()
+            raise
+        # The engine hands JSON fields back as their text; pymilvus gives them decoded.
+        self._json_fields = [f.name for f in self._collection.schema.fields if f.dtype == DataType.JSON]
+
+    def search(self, collection_name: str, data: list, limit: int, filter: str = "",
+               output_fields: list[str] | None = None, search_params: dict | None = None) -> list[list[dict]]:
+        params = search_params or {}
+        results = self._collection.search(query_vectors=data, top_k=limit, metric_type=params.get("metric_type"),
+                                          expr=filter or None, output_fields=output_fields,
+                                          search_params=params.get("params") or None)
+        for hits in results:
+            for hit in hits:
+                entity = hit.get("entity", {})
+                for name in self._json_fields:
+                    if isinstance(entity.get(name), (str, bytes)):
+                        entity[name] = json.loads(entity[name])
+        return results
+
+    def close(self) -> None:
+        self._db.close()
+
+
 def open_lite_version(store_dir: Path, scratch: Path) -> OpenVersion:
     """Copies the published version into `scratch` and opens the copy. A version can be pruned while it is
     being copied (a newer one was published meanwhile): then the pointer is read again."""
-    from pymilvus import MilvusClient
-
     last_error: Exception | None = None
     for _ in range(COPY_ATTEMPTS):
         info = read_pointer(store_dir)
@@ -107,8 +143,7 @@ def open_lite_version(store_dir: Path, scratch: Path) -> OpenVersion:
         private = Path(tempfile.mkdtemp(prefix=f"{info.alias}-{info.name}-", dir=scratch))
         try:
             shutil.copytree(store_dir / info.name / "milvus.db", private / "milvus.db")
-            client = MilvusClient(str(private / "milvus.db"))
-            client.load_collection(info.collection)  # a reopened milvus-lite collection starts released
+            client = LiteReader(private / "milvus.db", info.collection)
         except (OSError, shutil.Error) as exc:
             shutil.rmtree(private, ignore_errors=True)
             last_error = exc
@@ -136,6 +171,7 @@ class Retriever:
         self._refreshing = threading.Lock()
         self._server_client = None
         self._scratch: Path | None = None
+        self._pointer: tuple[tuple[int, int, int], VersionInfo | None] | None = None  # (file identity, contents)
         if is_server_uri(store_uri):
             from pymilvus import MilvusClient
 
@@ -166,7 +202,16 @@ class Retriever:
             except Exception:
                 return None
             return collection_info(self._server_client, name)
-        return read_pointer(self._store_dir)
+        # Every query looks: a stat() tells whether the pointer file was replaced (publishing writes a new file and
+        # renames it over the old one), so it is read and parsed only when it was.
+        try:
+            stat = (self._store_dir / POINTER_FILE).stat()
+        except FileNotFoundError:
+            return None
+        seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._pointer is None or self._pointer[0] != seen:
+            self._pointer = (seen, read_pointer(self._store_dir))
+        return self._pointer[1]
 
     def _open(self) -> OpenVersion:
         if self._server_client is not None:
