@@ -341,15 +341,19 @@ def test_an_endpoint_runs_every_short_query_length_before_serving(model_path, tm
     before = direct.embed_queries(queries)
     seen: list[tuple[int, ...]] = []
     run = OpenVinoRunner.__call__
-    monkeypatch.setattr(OpenVinoRunner, "__call__", lambda self, feeds: seen.append(feeds["input_ids"].shape)
-                        or run(self, feeds))
+    monkeypatch.setattr(OpenVinoRunner, "__call__", lambda self, feeds, wide=False: seen.append(
+        (*feeds["input_ids"].shape, "wide" if wide else "narrow")) or run(self, feeds, wide))
     assert direct.warm_up_queries() == QUERY_WARM_TOKENS
     assert np.allclose(direct.embed_queries(queries), before, atol=1e-6)  # the runtime's state is not disturbed
     seen.clear()
     target = RetrievalTarget(store_uri=str(tmp_path), collection="c", embedding_model=MODEL_NAME,
                              model_path=model_path, query_backend="openvino", query_precision="bf16")
-    query_embedder(target)  # OpenVINO builds kernels per input shape: none is left for a request to wait on
-    assert seen == [(1, n) for n in range(1, QUERY_WARM_TOKENS + 1)]
+    # OpenVINO builds kernels per input shape: none is left for a request to wait on, with one thread (queries
+    # side by side) or two (a query alone)
+    embedder = query_embedder(target)
+    wide = ["narrow", "wide"] if embedder.wide_threads else ["narrow"]
+    assert seen == [(1, n, how) for n in range(1, QUERY_WARM_TOKENS + 1) for how in wide]
+    assert np.allclose(embedder.embed_queries(queries, wide=True), embedder.embed_queries(queries), atol=2e-2)
     assert query_embedder(target.model_copy(update={"query_backend": "torch"})).warm_up_queries() == 0
 
 

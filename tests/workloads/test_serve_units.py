@@ -159,6 +159,79 @@ def test_cache_is_emptied_by_a_new_index_version_and_ignores_late_results_of_the
     assert (c.hits, c.misses) == (2, 3)
 
 
+# ---- retrieval batching ------------------------------------------------------------------------------------
+
+
+class RecordingService:
+    """Stands in for RetrievalService: records each batch it gets; blocks until released, fails on "boom"."""
+
+    def __init__(self):
+        import threading
+
+        self.batches: list[tuple[list[str], int]] = []
+        self.wide: list[bool] = []
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def retrieve_many(self, queries, k, wide=False):
+        self.entered.set()
+        self.release.wait(5)
+        self.wide.append(wide)
+        if "boom" in queries:
+            raise RuntimeError("search failed")
+        self.batches.append((list(queries), k))
+        return [{"query": q, "k": k} for q in queries]
+
+
+def test_retrieval_starts_in_submit_and_requests_arriving_meanwhile_form_the_next_batch():
+    import asyncio
+
+    from ragtune_workloads.serve.retriever import QueryBatcher
+
+    async def scenario():
+        service = RecordingService()
+        batcher = QueryBatcher(service, max_batch=2)
+        first = batcher.submit("a", 4)  # starts now: the worker thread is already running it
+        assert batcher.running
+        rest = [batcher.submit(q, k) for q, k in [("b", 4), ("gone", 4), ("c", 2), ("d", 4)]]
+        rest[1].cancel()  # a request that went away is not searched
+        # The event loop has not run since (it is busy, say rendering the prompt): the search runs regardless.
+        assert service.entered.wait(5)
+        service.release.set()
+        answers = await asyncio.gather(first, rest[0], rest[2], rest[3])
+        batcher.close()
+        return service, answers
+
+    service, answers = asyncio.run(scenario())
+    # a alone; then b and c (max_batch 2, searched per k); then d
+    assert service.batches == [(["a"], 4), (["b"], 4), (["c"], 2), (["d"], 4)]
+    # a query alone with nothing waiting may use the wide threads
+    assert service.wide == [True, False, False, True]
+    assert [(a["query"], a["k"]) for a in answers] == [("a", 4), ("b", 4), ("c", 2), ("d", 4)]
+
+
+def test_a_failed_retrieval_fails_its_batch_only():
+    import asyncio
+
+    from ragtune_workloads.serve.retriever import QueryBatcher
+
+    async def scenario():
+        service = RecordingService()
+        service.release.set()
+        batcher = QueryBatcher(service, max_batch=16, idle=lambda: False)  # generating: never wide
+        failed = batcher.submit("boom", 4)
+        later = [batcher.submit(q, 4) for q in ("x", "y")]
+        with pytest.raises(RuntimeError, match="search failed"):
+            await failed
+        answers = await asyncio.gather(*later)
+        batcher.close()
+        return service, answers
+
+    service, answers = asyncio.run(scenario())
+    assert service.batches == [(["x", "y"], 4)] and [a["query"] for a in answers] == ["x", "y"]
+    assert service.wide == [False, False]  # "boom" came alone, but the replica was generating
+
+
 # ---- auth --------------------------------------------------------------------------------------------------
 
 

@@ -125,9 +125,15 @@ def onnx_export(model, ref: ModelRef, input_names: list[str]) -> Path:
 
 
 class OrtRunner:
-    """An onnxruntime session of the export: feeds in, last hidden state out (safe across threads)."""
+    """An onnxruntime session of the export: feeds in, last hidden state out (safe across threads). With
+    `wide_threads`, a second session of the same export for calls made with `wide=True` (see Embedder)."""
 
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, wide_threads: int | None = None):
+        self.session = self._session(path, threads)
+        self.wide = self._session(path, wide_threads) if wide_threads and wide_threads != threads else self.session
+
+    @staticmethod
+    def _session(path: Path, threads: int | None):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -136,39 +142,49 @@ class OrtRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(["last_hidden_state"], feeds)[0]
+    def __call__(self, feeds: dict[str, np.ndarray], wide: bool = False) -> np.ndarray:
+        return (self.wide if wide else self.session).run(["last_hidden_state"], feeds)[0]
 
 
 class OpenVinoRunner:
     """The export compiled by OpenVINO for the CPU with the precision asked for; one infer request per calling
-    thread (a request runs one inference at a time)."""
+    thread (a request runs one inference at a time). With `wide_threads`, a second compilation for calls made
+    with `wide=True` (see Embedder)."""
 
     HINTS = {"fp32": "f32", "bf16": "bf16"}
 
-    def __init__(self, path: Path, precision: str, threads: int | None):
+    def __init__(self, path: Path, precision: str, threads: int | None, wide_threads: int | None = None):
         import openvino
 
-        config = {"INFERENCE_PRECISION_HINT": self.HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
+        core = openvino.Core()
+        self.compiled = self._compile(core, path, precision, threads)
+        self.wide = (self._compile(core, path, precision, wide_threads) if wide_threads and wide_threads != threads
+                     else self.compiled)
         # What the runtime really runs, in the spec's words (fp32, bf16).
         ran = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.precision = {"f32": "fp32"}.get(ran, ran)
         self._local = threading.local()
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        request = getattr(self._local, "request", None)
+    def _compile(self, core, path: Path, precision: str, threads: int | None):
+        config = {"INFERENCE_PRECISION_HINT": self.HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        return core.compile_model(str(path), "CPU", config)
+
+    def __call__(self, feeds: dict[str, np.ndarray], wide: bool = False) -> np.ndarray:
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = {}
+        request = requests.get(wide)
         if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
+            request = requests[wide] = (self.wide if wide else self.compiled).create_infer_request()
         return request.infer(feeds)[0]  # a copy: the request's own buffer is reused by its next call
 
 
 def use_exported_runtime(model, ref: ModelRef, backend: str = "onnx", precision: str = "fp32",
-                         threads: int | None = None) -> None:
+                         threads: int | None = None, wide_threads: int | None = None) -> None:
     """Swaps the transformer inside a loaded SentenceTransformer for an onnxruntime session or an OpenVINO
     compiled model of the same weights; everything around it (tokeniser, pooling, normalisation) is untouched."""
     import torch
@@ -179,9 +195,9 @@ def use_exported_runtime(model, ref: ModelRef, backend: str = "onnx", precision:
                    if n in model.tokenizer.model_input_names]
     path = onnx_export(model, ref, input_names)
     if backend == "openvino":
-        runner = OpenVinoRunner(path, precision, threads)
+        runner = OpenVinoRunner(path, precision, threads, wide_threads)
     else:
-        runner = OrtRunner(quantize_int8(path) if precision == "int8" else path, threads)
+        runner = OrtRunner(quantize_int8(path) if precision == "int8" else path, threads, wide_threads)
 
     class ExportedTransformer(torch.nn.Module):
         def __init__(self):
@@ -199,7 +215,7 @@ def use_exported_runtime(model, ref: ModelRef, backend: str = "onnx", precision:
 
 
 def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str | None = None,
-                              precision: str = "fp32", threads: int | None = None):
+                              precision: str = "fp32", threads: int | None = None, wide_threads: int | None = None):
     location = ref.path or ref.name
     if ref.path and not Path(ref.path).is_dir():
         raise EmbeddingModelError(f"embedding model {ref.name!r} not found: {ref.path} is not a directory")
@@ -208,7 +224,7 @@ def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str
         model = SentenceTransformer(location, device=device or "cpu", backend="torch",
                                     local_files_only=bool(ref.path) or os.environ.get("HF_HUB_OFFLINE") == "1")
         if backend in EXPORTED_BACKENDS:
-            use_exported_runtime(model, ref, backend, precision, threads)
+            use_exported_runtime(model, ref, backend, precision, threads, wide_threads)
         return model
     except Exception as exc:  # the library raises many types (OSError, ValueError, HF errors) for the same cause
         first_line = str(exc).splitlines()[0] if str(exc) else ""
@@ -256,10 +272,12 @@ def cpu_has_bf16() -> bool:
 
 class Embedder:
     def __init__(self, ref: ModelRef, backend: str = "torch", batch_size: int = 64, normalize: bool = True,
-                 query_prefix: str = "", model=None, precision: str = "fp32", threads: int | None = None):
+                 query_prefix: str = "", model=None, precision: str = "fp32", threads: int | None = None,
+                 wide_threads: int | None = None):
         """`threads`: the exported runtime's threads per call (onnxruntime, OpenVINO; default: one per core). A
         server embedding one query per request wants 1: concurrent requests run side by side, and no call waits
-        for a sleeping worker thread."""
+        for a sleeping worker thread. `wide_threads`: the threads of calls made with `wide=True` (a server with
+        nothing else to do uses the cores it would otherwise leave idle)."""
         check_precision(backend, precision)
         self.ref = ref
         self.backend = backend
@@ -267,8 +285,9 @@ class Embedder:
         self.batch_size = batch_size
         self.normalize = normalize
         self.query_prefix = query_prefix
-        self.model = model if model is not None else load_sentence_transformer(ref, backend, precision=precision,
-                                                                               threads=threads)
+        self.wide_threads = wide_threads if wide_threads and wide_threads != threads else None
+        self.model = model if model is not None else load_sentence_transformer(
+            ref, backend, precision=precision, threads=threads, wide_threads=wide_threads)
         if precision == "bf16" and backend == "openvino" and self.model._ragtune_runner[0].precision != "bf16":
             log.warning("embedding precision bf16: OpenVINO runs %s on this CPU",
                         self.model._ragtune_runner[0].precision)
@@ -289,22 +308,23 @@ class Embedder:
     def max_chunk_tokens(self) -> int:
         return int(self.model.max_seq_length) - SPECIAL_TOKENS
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str], wide: bool = False) -> np.ndarray:
+        """`wide`: run with the exported runtime's `wide_threads` (where it has them)."""
         if self.precision == "bf16" and self.backend == "torch":
             import torch
 
             with torch.autocast(device_type=str(self.model.device).split(":")[0], dtype=torch.bfloat16):
                 return self._encode(texts)
-        return self._encode(texts)
+        return self._encode(texts, wide)
 
-    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+    def _encode(self, texts: Sequence[str], wide: bool = False) -> np.ndarray:
         if self._direct is not None and len(texts) <= DIRECT_MAX_TEXTS:
-            return self._run_direct(texts)
+            return self._run_direct(texts, wide)
         vectors = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=self.normalize,
                                     convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
 
-    def _run_direct(self, texts: Sequence[str]) -> np.ndarray:
+    def _run_direct(self, texts: Sequence[str], wide: bool = False) -> np.ndarray:
         """The exported model on the tokenised texts, pooled and normalised here as sentence-transformers would."""
         direct = self._direct
         texts = [str(t).strip() for t in texts]
@@ -315,7 +335,7 @@ class Embedder:
         feeds = {n: features[n].astype(np.int64) for n in direct.input_names if n in features}
         if "token_type_ids" in direct.input_names and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        hidden = direct.runner(feeds)
+        hidden = direct.runner(feeds, wide=True) if wide else direct.runner(feeds)
         if direct.pooling == "cls":
             pooled = hidden[:, 0]
         else:
@@ -336,8 +356,8 @@ class Embedder:
                 on_batch(min(first + self.batch_size, len(order)))
         return out
 
-    def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
-        return self.encode([self.query_prefix + query for query in queries])
+    def embed_queries(self, queries: Sequence[str], wide: bool = False) -> np.ndarray:
+        return self.encode([self.query_prefix + query for query in queries], wide)
 
     def warm_up_queries(self, max_tokens: int = QUERY_WARM_TOKENS) -> int:
         """Runs the exported model once at every single-query length up to `max_tokens` (capped by the model's
@@ -350,4 +370,6 @@ class Embedder:
             ones = np.ones((1, length), dtype=np.int64)
             feeds = {"input_ids": ones, "attention_mask": ones, "token_type_ids": np.zeros_like(ones)}
             direct.runner({n: feeds[n] for n in direct.input_names})
+            if self.wide_threads:
+                direct.runner({n: feeds[n] for n in direct.input_names}, wide=True)
         return len(lengths)

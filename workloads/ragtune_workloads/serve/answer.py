@@ -1,8 +1,10 @@
 """From an API request to what the generator gets: route, retrieve, filter by score, pack, or answer
-"don't know". Independent of Ray: `retrieve` is any async callable returning the retriever's answer."""
+"don't know". Independent of Ray: `retrieve(query, k)` starts the retrieval and returns an awaitable of the
+retriever's answer; the prompt without context is rendered and measured while it runs."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -80,27 +82,49 @@ class Answerer:
         plan = Plan(generation_params(request, max_tokens), s.uses_adapter)
         route = routing.decide(choice, question, s.has_index)
         plan.retrieval = {"mode": choice, "used": False, "reason": route.reason}
-        # Measured before any retrieval: a request that cannot fit is refused whatever the index holds.
-        system = prompts.system_prompt(s.mode, s.system, grounded=False)
-        direct = self._prompt(lambda: prompts.direct_prompt(self.tokenizer, system, messages, max_tokens,
-                                                            self.context_length))
+        direct_system = prompts.system_prompt(s.mode, s.system, grounded=False)
+
+        def direct() -> prompts.Prompt:
+            return self._prompt(lambda: prompts.direct_prompt(self.tokenizer, direct_system, messages, max_tokens,
+                                                              self.context_length))
+
         if not route.retrieve:
-            plan.prompt_ids = direct.token_ids
+            plan.prompt_ids = direct().token_ids
             return plan
 
         started = time.perf_counter()
-        found = await self.retrieve(question, s.top_k)
+        retrieval = asyncio.ensure_future(self.retrieve(question, s.top_k))
+        # While the query is embedded and searched (off the event loop), the prompt without context is rendered
+        # and measured: its tokens are what the context must fit next to.
+        frame: prompts.Frame | prompts.PromptTooLongError
+        try:
+            frame = prompts.grounded_frame(self.tokenizer, prompts.system_prompt(s.mode, s.system, grounded=True),
+                                           s.template, messages, question, max_tokens, self.context_length)
+        except prompts.PromptTooLongError as exc:
+            frame = exc
+        except BaseException:
+            retrieval.cancel()
+            raise
+        if isinstance(frame, prompts.PromptTooLongError):
+            try:
+                direct()  # too long even without the endpoint's template: refused before any retrieval
+            except ApiError:
+                retrieval.cancel()
+                raise
+        found = await retrieval
         plan.retrieval_seconds = time.perf_counter() - started
         plan.cache = found.get("cache", {})
         plan.retrieval.update(index_version=found["version"], retrieved=len(found["hits"]))
         usable = routing.above_threshold(found["hits"], s.score_threshold)
         if not usable:
+            # A request that cannot fit is refused whatever the index holds, not answered "don't know".
+            direct()
             plan.retrieval["reason"] = "below-threshold"
             plan.canned = routing.DONT_KNOW_ANSWER
             return plan
-        system = prompts.system_prompt(s.mode, s.system, grounded=True)
-        prompt = self._prompt(lambda: prompts.grounded_prompt(self.tokenizer, system, s.template, messages, question,
-                                                              usable, max_tokens, self.context_length))
+        if isinstance(frame, prompts.PromptTooLongError):
+            raise self._too_long(frame)
+        prompt = self._prompt(lambda: frame.pack(usable))
         plan.retrieval["used"] = True
         plan.prompt_ids = prompt.token_ids
         plan.sources = prompt.sources
@@ -111,4 +135,8 @@ class Answerer:
         try:
             return build()
         except prompts.PromptTooLongError as exc:
-            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+            raise Answerer._too_long(exc) from None
+
+    @staticmethod
+    def _too_long(exc: prompts.PromptTooLongError) -> ApiError:
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -30,42 +30,35 @@ from .config import (endpoint_settings, engine_settings, load_config, model_cont
                      verify_adapter)
 from .engines import GenerationParams, choose_engine, create_engine, vllm_available
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .retriever import RetrievalService
+from .retriever import QueryBatcher, RetrievalService
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_SECONDS = 5.0
-# Requests a retriever replica embeds and searches together. No waiting for company: while one batch runs, the
-# next requests queue up and form the next batch by themselves, so batching costs nothing at low load.
+# Requests a retriever replica embeds and searches together at most.
 RETRIEVAL_BATCH_SIZE = 16
-RETRIEVAL_BATCH_WAIT_S = 0.0
 
 
 # ------------------------------------------------------------------------------------- retrieval and generation
 
 
 class Retrieval:
-    """Query embedding and search through the active index version, batched: requests that arrive while a batch
-    runs form the next batch by themselves, so batching costs nothing at low load. Used in the Retriever
-    deployment (split topology) and inside the Ingress (colocated)."""
+    """Query embedding and search through the active index version, batched (`QueryBatcher`). Used in the
+    Retriever deployment (split topology) and inside the Ingress (colocated)."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, idle: Callable[[], bool] = lambda: True):
         self.service = RetrievalService(config.retrieval)
+        self.batcher = QueryBatcher(self.service, RETRIEVAL_BATCH_SIZE, idle)
 
-    @serve.batch(max_batch_size=RETRIEVAL_BATCH_SIZE, batch_wait_timeout_s=RETRIEVAL_BATCH_WAIT_S)
-    async def retrieve(self, requests: list[tuple[str, int]]) -> list[dict[str, Any]]:
-        answers: list[dict[str, Any] | None] = [None] * len(requests)
-        for k in {k for _, k in requests}:
-            positions = [i for i, (_, want) in enumerate(requests) if want == k]
-            found = await asyncio.to_thread(self.service.retrieve_many, [requests[i][0] for i in positions], k)
-            for i, answer in zip(positions, found):
-                answers[i] = answer
-        return answers
+    def start(self, query: str, k: int) -> asyncio.Future:
+        """Starts the retrieval now (on the event loop's thread) and returns its future."""
+        return self.batcher.submit(query, k)
 
     async def version(self) -> str:
         name, _ = await asyncio.to_thread(self.service.current_version)
         return name
 
     def close(self) -> None:
+        self.batcher.close()
         self.service.close()
 
 
@@ -78,22 +71,31 @@ class Generation:
         context_length = model_context_length(settings.base_model, config.spec.engine.max_model_len)
         kind = choose_engine(config.spec.engine.name, vllm_available())
         self.engine = create_engine(kind, engine_settings(config, context_length))
+        self.active = 0  # requests generating now
         log.info("generator ready: %s engine, model %s, adapter %s", kind, settings.base_model,
                  config.adapter.name if settings.uses_adapter else "none")
 
     async def generate(self, prompt_ids: list[int], params: dict[str, Any], use_adapter: bool) -> dict[str, Any]:
         started = time.perf_counter()
-        result = await self.engine.generate(prompt_ids, GenerationParams(**params), use_adapter)
+        self.active += 1
+        try:
+            result = await self.engine.generate(prompt_ids, GenerationParams(**params), use_adapter)
+        finally:
+            self.active -= 1
         return {**asdict(result), "seconds": time.perf_counter() - started}
 
     async def stream(self, prompt_ids: list[int], params: dict[str, Any],
                      use_adapter: bool) -> AsyncIterator[dict[str, Any]]:
         started = time.perf_counter()
-        async for delta in self.engine.stream(prompt_ids, GenerationParams(**params), use_adapter):
-            item = asdict(delta)
-            if delta.finish_reason:
-                item["seconds"] = time.perf_counter() - started
-            yield item
+        self.active += 1
+        try:
+            async for delta in self.engine.stream(prompt_ids, GenerationParams(**params), use_adapter):
+                item = asdict(delta)
+                if delta.finish_reason:
+                    item["seconds"] = time.perf_counter() - started
+                yield item
+        finally:
+            self.active -= 1
 
     def engine_name(self) -> str:
         return self.engine.name
@@ -109,7 +111,7 @@ class RetrieverDeployment:
         self.retrieval = Retrieval(parse_config(config))
 
     async def retrieve(self, request: tuple[str, int]) -> dict[str, Any]:
-        return await self.retrieval.retrieve(request)
+        return await self.retrieval.start(*request)
 
     async def version(self) -> str:
         return await self.retrieval.version()
@@ -191,16 +193,18 @@ class Ingress:
         self.generator = generator
         self.retriever = retriever
         self.local_generation = Generation(serve_config) if colocated else None
-        self.local_retrieval = Retrieval(serve_config) if colocated and self.settings.has_index else None
+        # A lone query may use both cores for its embedding only while this replica generates nothing.
+        self.local_retrieval = (Retrieval(serve_config, idle=lambda: self.local_generation.active == 0)
+                                if colocated and self.settings.has_index else None)
         self.metrics = Metrics()
         has_retrieval = retriever is not None or self.local_retrieval is not None
         self.answerer = Answerer(self.settings, self.tokenizer, self.context_length,
                                  self._retrieve if has_retrieval else None)
 
-    async def _retrieve(self, query: str, k: int) -> dict[str, Any]:
+    def _retrieve(self, query: str, k: int) -> Awaitable[dict[str, Any]]:
         if self.local_retrieval is not None:
-            return await self.local_retrieval.retrieve((query, k))
-        return await self.retriever.retrieve.remote((query, k))
+            return self.local_retrieval.start(query, k)
+        return self.retriever.retrieve.remote((query, k))
 
     async def _index_version(self) -> str | None:
         if self.local_retrieval is not None:

@@ -8,7 +8,7 @@ for the room left is skipped and a smaller, lower-ranked one may still fit.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,36 +117,59 @@ def direct_prompt(tokenizer: Any, system: str | None, messages: list[dict[str, s
     return Prompt(ids, final)
 
 
-def grounded_prompt(tokenizer: Any, system: str | None, template: str, messages: list[dict[str, str]],
-                    question: str, hits: Sequence[dict[str, Any]], max_tokens: int, context_length: int) -> Prompt:
-    """The prompt with as many of `hits` (best first) as fit; at least one must fit.
+@dataclass
+class Frame:
+    """The grounded prompt before the context is known: rendered and measured once, with no chunk in it."""
 
-    Each chunk's cost is counted once, on its own; rendering the whole prompt for every candidate would cost a
-    chat-template render per chunk. The final render is exact: if merges across chunk boundaries make it a token
-    or two longer than counted, the lowest-ranked chunk goes."""
-    budget = context_length - max_tokens
+    tokenizer: Any
+    build: Callable[[list[dict[str, Any]]], list[dict[str, str]]]
+    empty_tokens: int
+    budget: int  # prompt tokens allowed: context length - max_tokens
+    max_tokens: int
+    context_length: int
+
+    def pack(self, hits: Sequence[dict[str, Any]]) -> Prompt:
+        """The prompt with as many of `hits` (best first) as fit; at least one must fit.
+
+        Each chunk's cost is counted once, on its own; rendering the whole prompt for every candidate would cost
+        a chat-template render per chunk. The final render is exact: if merges across chunk boundaries make it a
+        token or two longer than counted, the lowest-ranked chunk goes."""
+        room = self.budget - self.empty_tokens
+        # A chunk's number in the prompt depends on how many went before it; the cost of the number's digits is
+        # counted as if it kept its rank (a chunk skipped before it changes the number by one digit at most).
+        costs = token_counts(self.tokenizer,
+                             [CHUNK_SEPARATOR + format_chunk(rank, hit) for rank, hit in enumerate(hits, 1)])
+        chosen: list[dict[str, Any]] = []
+        for hit, cost in zip(hits, costs):
+            if cost <= room:
+                chosen.append(hit)
+                room -= cost
+        while chosen:
+            final = self.build(chosen)
+            ids = encode_messages(self.tokenizer, final)
+            if len(ids) <= self.budget:
+                return Prompt(ids, final, chosen)
+            chosen.pop()
+        raise PromptTooLongError(self.empty_tokens, self.max_tokens, self.context_length,
+                                 "No retrieved passage fits next to the messages: shorten them or lower max_tokens.")
+
+
+def grounded_frame(tokenizer: Any, system: str | None, template: str, messages: list[dict[str, str]],
+                   question: str, max_tokens: int, context_length: int) -> Frame:
+    """The frame of a grounded prompt; PromptTooLongError when not even the prompt without context fits."""
 
     def build(chosen: list[dict[str, Any]]) -> list[dict[str, str]]:
         turn = render_template(template, format_context(chosen), question)
         return merge_system(system, with_question_turn(messages, turn))
 
-    empty_ids = encode_messages(tokenizer, build([]))
-    if len(empty_ids) > budget:
-        raise PromptTooLongError(len(empty_ids), max_tokens, context_length)
-    room = budget - len(empty_ids)
-    # A chunk's number in the prompt depends on how many went before it; the cost of the number's digits is
-    # counted as if it kept its rank (a chunk skipped before it changes the number by one digit at most).
-    costs = token_counts(tokenizer, [CHUNK_SEPARATOR + format_chunk(rank, hit) for rank, hit in enumerate(hits, 1)])
-    chosen: list[dict[str, Any]] = []
-    for hit, cost in zip(hits, costs):
-        if cost <= room:
-            chosen.append(hit)
-            room -= cost
-    while chosen:
-        final = build(chosen)
-        ids = encode_messages(tokenizer, final)
-        if len(ids) <= budget:
-            return Prompt(ids, final, chosen)
-        chosen.pop()
-    raise PromptTooLongError(len(empty_ids), max_tokens, context_length,
-                             "No retrieved passage fits next to the messages: shorten them or lower max_tokens.")
+    budget = context_length - max_tokens
+    empty_tokens = len(encode_messages(tokenizer, build([])))
+    if empty_tokens > budget:
+        raise PromptTooLongError(empty_tokens, max_tokens, context_length)
+    return Frame(tokenizer, build, empty_tokens, budget, max_tokens, context_length)
+
+
+def grounded_prompt(tokenizer: Any, system: str | None, template: str, messages: list[dict[str, str]],
+                    question: str, hits: Sequence[dict[str, Any]], max_tokens: int, context_length: int) -> Prompt:
+    """The prompt with as many of `hits` (best first) as fit next to the messages (`Frame.pack`)."""
+    return grounded_frame(tokenizer, system, template, messages, question, max_tokens, context_length).pack(hits)
