@@ -100,6 +100,32 @@ def test_context_is_packed_best_first_within_the_context_length(tokenizer):
     text = prompt.messages[-1]["content"]
     assert text.index("(doc1.txt > Results)") < text.index("(doc3.txt > Results)")
     assert prompt.messages[0] == {"role": "system", "content": DEFAULT_RAG_SYSTEM_PROMPT}
+    # when everything fits, everything goes in, and the ids are those of the prompt rendered
+    short = [hit(n, 1 - n / 10, words=12) for n in range(1, 5)]
+    prompt = prompts.grounded_prompt(tokenizer, DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE, messages,
+                                     "what is the pressure?", short, max_tokens=64, context_length=1024)
+    assert [h["id"] for h in prompt.sources] == ["c1", "c2", "c3", "c4"]
+    assert prompt.token_ids == prompts.encode_messages(tokenizer, prompt.messages)
+
+
+def test_chunk_token_counts_are_remembered_and_the_oldest_forgotten_first(tokenizer):
+    class Counting:  # the tokenizer, with a count of the texts its backend tokenised
+        def __init__(self):
+            self.backend_tokenizer = self
+            self.truncation = self.padding = None
+            self.tokenised = 0
+
+        def encode_batch(self, texts, add_special_tokens):
+            self.tokenised += len(texts)
+            return tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    counting = Counting()
+    counts = prompts.TokenCounts(counting, max_entries=2)
+    texts = ["boundary layer", "shock wave at the leading edge", "boundary layer"]
+    assert counts(texts) == prompts.token_counts(tokenizer, texts) and counting.tokenised == 2
+    assert counts(texts[:2]) == prompts.token_counts(tokenizer, texts[:2]) and counting.tokenised == 2
+    counts(["heat transfer"])  # the least recently used text goes
+    assert list(counts.counts) == ["shock wave at the leading edge", "heat transfer"]
 
 
 @pytest.mark.parametrize("text", ["", "plain words", "Überschall-Strömung: Δp = ½ρv² \u2014 café", "  spaces\n\n\ttabs  ",

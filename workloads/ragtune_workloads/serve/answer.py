@@ -65,6 +65,7 @@ class Answerer:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.retrieve = retrieve
+        self.chunk_tokens = prompts.TokenCounts(tokenizer)
 
     def retrieval_choice(self, requested: str | None) -> str:
         choice = requested or self.settings.default_retrieval
@@ -99,7 +100,8 @@ class Answerer:
         frame: prompts.Frame | prompts.PromptTooLongError
         try:
             frame = prompts.grounded_frame(self.tokenizer, prompts.system_prompt(s.mode, s.system, grounded=True),
-                                           s.template, messages, question, max_tokens, self.context_length)
+                                           s.template, messages, question, max_tokens, self.context_length,
+                                           self.chunk_tokens)
         except prompts.PromptTooLongError as exc:
             frame = exc
         except BaseException:

@@ -8,6 +8,7 @@ for the room left is skipped and a smaller, lower-ranked one may still fit.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,29 @@ def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
 
 
+class TokenCounts:
+    """Token counts of texts, remembered (least recently used first out): the same chunks come back for many
+    questions, and counting a chunk costs about a microsecond a token. Keyed by the text itself, so a chunk
+    whose text changed in a new index version is counted again."""
+
+    def __init__(self, tokenizer: Any, max_entries: int = 8192):
+        self.tokenizer = tokenizer
+        self.max_entries = max_entries
+        self.counts: OrderedDict[str, int] = OrderedDict()
+
+    def __call__(self, texts: Sequence[str]) -> list[int]:
+        missing = [text for text in dict.fromkeys(texts) if text not in self.counts]
+        for text, count in zip(missing, token_counts(self.tokenizer, missing)):
+            self.counts[text] = count
+        result = []
+        for text in texts:
+            self.counts.move_to_end(text)
+            result.append(self.counts[text])
+        while len(self.counts) > self.max_entries:
+            self.counts.popitem(last=False)
+        return result
+
+
 def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -127,6 +151,7 @@ class Frame:
     budget: int  # prompt tokens allowed: context length - max_tokens
     max_tokens: int
     context_length: int
+    count: Callable[[Sequence[str]], list[int]]  # token counts of texts (TokenCounts, or token_counts)
 
     def pack(self, hits: Sequence[dict[str, Any]]) -> Prompt:
         """The prompt with as many of `hits` (best first) as fit; at least one must fit.
@@ -137,8 +162,7 @@ class Frame:
         room = self.budget - self.empty_tokens
         # A chunk's number in the prompt depends on how many went before it; the cost of the number's digits is
         # counted as if it kept its rank (a chunk skipped before it changes the number by one digit at most).
-        costs = token_counts(self.tokenizer,
-                             [CHUNK_SEPARATOR + format_chunk(rank, hit) for rank, hit in enumerate(hits, 1)])
+        costs = self.count([CHUNK_SEPARATOR + format_chunk(rank, hit) for rank, hit in enumerate(hits, 1)])
         chosen: list[dict[str, Any]] = []
         for hit, cost in zip(hits, costs):
             if cost <= room:
@@ -155,8 +179,10 @@ class Frame:
 
 
 def grounded_frame(tokenizer: Any, system: str | None, template: str, messages: list[dict[str, str]],
-                   question: str, max_tokens: int, context_length: int) -> Frame:
-    """The frame of a grounded prompt; PromptTooLongError when not even the prompt without context fits."""
+                   question: str, max_tokens: int, context_length: int,
+                   count: Callable[[Sequence[str]], list[int]] | None = None) -> Frame:
+    """The frame of a grounded prompt; PromptTooLongError when not even the prompt without context fits.
+    `count`: how chunks are counted (default: tokenised every time)."""
 
     def build(chosen: list[dict[str, Any]]) -> list[dict[str, str]]:
         turn = render_template(template, format_context(chosen), question)
@@ -166,7 +192,8 @@ def grounded_frame(tokenizer: Any, system: str | None, template: str, messages: 
     empty_tokens = len(encode_messages(tokenizer, build([])))
     if empty_tokens > budget:
         raise PromptTooLongError(empty_tokens, max_tokens, context_length)
-    return Frame(tokenizer, build, empty_tokens, budget, max_tokens, context_length)
+    return Frame(tokenizer, build, empty_tokens, budget, max_tokens, context_length,
+                 count or (lambda texts: token_counts(tokenizer, texts)))
 
 
 def grounded_prompt(tokenizer: Any, system: str | None, template: str, messages: list[dict[str, str]],
