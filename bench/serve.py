@@ -11,8 +11,9 @@ Both: all-MiniLM-L6-v2, top-4 chunks, the base model's chat template, greedy dec
 request retrieves (no threshold), so both do the same work and generate the same number of tokens at most.
 
 Each server reports the time spent generating for each request; latency minus that is the time spent outside
-generation (HTTP, routing, embedding, search, prompt building). ragtune's own timings split its share into transport
-(client to the replica's handler and back), retrieval and the rest inside the replica. Concurrency 1, 4
+generation (HTTP, routing, embedding, search, prompt building). Both report their retrieval time (query embedding and
+search); ragtune's own timings further split the rest into transport (client to the replica's handler and back) and
+the rest inside the replica. Concurrency 1, 4
 and 16 clients, each level with queries no earlier level asked (ragtune's caches cannot help: "cold"); then the
 concurrency-1 queries once more ("warm", where ragtune answers retrieval from its per-version cache and the baseline
 has nothing to reuse).
@@ -106,7 +107,9 @@ def baseline_server(corpus: Path, model: Path, embedding_path: str, work: Path, 
 
     @app.post("/query")
     def query(body: dict):
+        started = time.perf_counter()
         nodes = retriever.retrieve(body["question"])
+        retrieval = time.perf_counter() - started
         context = "\n\n".join(node.get_content() for node in nodes)
         messages = [{"role": "system", "content": DEFAULT_RAG_SYSTEM_PROMPT},
                     {"role": "user", "content": DEFAULT_TEMPLATE.format(context=context, question=body["question"])}]
@@ -120,7 +123,7 @@ def baseline_server(corpus: Path, model: Path, embedding_path: str, work: Path, 
         answer = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
         return {"answer": answer, "completion_tokens": int(output.shape[1] - len(ids)),
                 "sources": [{"document": node.node.metadata["path"], "score": node.score} for node in nodes],
-                "generation_ms": generation * 1000}
+                "generation_ms": generation * 1000, "retrieval_ms": retrieval * 1000}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -203,6 +206,8 @@ async def run_level(port: int, build, questions: list[str], clients: int) -> dic
                 timings = answer["timings"]
                 parts.append((elapsed - timings["total_ms"], timings["retrieval_ms"],
                               timings["total_ms"] - timings["generation_ms"] - timings["retrieval_ms"]))
+            else:  # the baseline times its retriever call (query embedding, search, LlamaIndex's nodes)
+                parts.append((None, answer["retrieval_ms"], elapsed - answer["generation_ms"] - answer["retrieval_ms"]))
 
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300,
                                  limits=httpx.Limits(max_connections=clients)) as http:
@@ -218,13 +223,14 @@ async def run_level(port: int, build, questions: list[str], clients: int) -> dic
             "outsideGenerationMeanMs": round(statistics.mean(outside), 2),
             "outsideGenerationShare": round(sum(outside) / sum(latencies), 4),
             "meanCompletionTokens": round(statistics.mean(s[2] for s in samples), 2),
-            **({"outsideGenerationPartsP50Ms": {
-                # HTTP from the client to the replica's handler and back
-                "transport": round(percentile([x[0] for x in parts], 0.5), 2),
-                # query embedding and search (or the cache)
+            "outsideGenerationPartsP50Ms": {
+                # ragtune: HTTP from the client to the replica's handler and back
+                **({"transport": round(percentile([x[0] for x in parts], 0.5), 2)} if parts[0][0] is not None else {}),
+                # query embedding and search (ragtune: or its cache)
                 "retrieval": round(percentile([x[1] for x in parts], 0.5), 2),
-                # the rest inside the replica: parsing, routing, context packing and the prompt, the response
-                "replica": round(percentile([x[2] for x in parts], 0.5), 2)}} if parts else {})}
+                # ragtune: the rest inside the replica (parsing, routing, context packing and the prompt, the
+                # response); the baseline: everything but retrieval and generation (HTTP included)
+                "replica" if parts[0][0] is not None else "rest": round(percentile([x[2] for x in parts], 0.5), 2)}}
 
 
 def measure(port: int, build, question_sets: dict[int, list[str]], warmup: list[str]) -> dict:

@@ -293,6 +293,11 @@ class VllmEngine(Engine):
     def __init__(self, settings: EngineSettings):
         if not settings.gpus:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
+            # The model runs inside the engine-core process instead of a worker process of its own. Both sides of
+            # the worker's shared-memory queue poll it for a second after every message, so while requests come in
+            # the two processes kept ~1.5 cores busy waiting: on a CPU the cores the requests need. Measured on two
+            # cores: engine processes 0.23 instead of 1.5 cores busy, 15-20 % more requests a second.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import AsyncEngineArgs, SamplingParams
         from vllm.engine.async_llm_engine import AsyncLLMEngine
         from vllm.lora.request import LoRARequest
