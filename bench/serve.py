@@ -215,6 +215,7 @@ async def run_level(port: int, build, questions: list[str], clients: int) -> dic
         await asyncio.gather(*[worker(http) for _ in range(clients)])
         wall = time.perf_counter() - started
     latencies = [s[0] for s in samples]
+    ragtune = parts[0][0] is not None  # the baseline has no timings of its own beyond retrieval
     outside = [s[0] - s[1] for s in samples]
     return {"clients": clients, "requests": len(samples),
             "latencyP50Ms": round(percentile(latencies, 0.5), 2), "latencyP99Ms": round(percentile(latencies, 0.99), 2),
@@ -225,12 +226,12 @@ async def run_level(port: int, build, questions: list[str], clients: int) -> dic
             "meanCompletionTokens": round(statistics.mean(s[2] for s in samples), 2),
             "outsideGenerationPartsP50Ms": {
                 # ragtune: HTTP from the client to the replica's handler and back
-                **({"transport": round(percentile([x[0] for x in parts], 0.5), 2)} if parts[0][0] is not None else {}),
+                **({"transport": round(percentile([x[0] for x in parts], 0.5), 2)} if ragtune else {}),
                 # query embedding and search (ragtune: or its cache)
                 "retrieval": round(percentile([x[1] for x in parts], 0.5), 2),
                 # ragtune: the rest inside the replica (parsing, routing, context packing and the prompt, the
                 # response); the baseline: everything but retrieval and generation (HTTP included)
-                "replica" if parts[0][0] is not None else "rest": round(percentile([x[2] for x in parts], 0.5), 2)}}
+                "replica" if ragtune else "rest": round(percentile([x[2] for x in parts], 0.5), 2)}}
 
 
 def measure(port: int, build, question_sets: dict[int, list[str]], warmup: list[str]) -> dict:

@@ -126,11 +126,12 @@ def onnx_export(model, ref: ModelRef, input_names: list[str]) -> Path:
 
 class OrtRunner:
     """An onnxruntime session of the export: feeds in, last hidden state out (safe across threads). With
-    `wide_threads`, a second session of the same export for calls made with `wide=True` (see Embedder)."""
+    `wide_threads` (other than `threads`), a second session of the same export for calls made with `wide=True`
+    (see Embedder)."""
 
     def __init__(self, path: Path, threads: int | None, wide_threads: int | None = None):
         self.session = self._session(path, threads)
-        self.wide = self._session(path, wide_threads) if wide_threads and wide_threads != threads else self.session
+        self.wide = self._session(path, wide_threads) if wide_threads else self.session
 
     @staticmethod
     def _session(path: Path, threads: int | None):
@@ -160,8 +161,7 @@ class OpenVinoRunner:
 
         core = openvino.Core()
         self.compiled = self._compile(core, path, precision, threads)
-        self.wide = (self._compile(core, path, precision, wide_threads) if wide_threads and wide_threads != threads
-                     else self.compiled)
+        self.wide = self._compile(core, path, precision, wide_threads) if wide_threads else self.compiled
         # What the runtime really runs, in the spec's words (fp32, bf16).
         ran = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.precision = {"f32": "fp32"}.get(ran, ran)
@@ -285,9 +285,10 @@ class Embedder:
         self.batch_size = batch_size
         self.normalize = normalize
         self.query_prefix = query_prefix
+        # Only a thread count other than `threads` needs a second session or compilation.
         self.wide_threads = wide_threads if wide_threads and wide_threads != threads else None
         self.model = model if model is not None else load_sentence_transformer(
-            ref, backend, precision=precision, threads=threads, wide_threads=wide_threads)
+            ref, backend, precision=precision, threads=threads, wide_threads=self.wide_threads)
         if precision == "bf16" and backend == "openvino" and self.model._ragtune_runner[0].precision != "bf16":
             log.warning("embedding precision bf16: OpenVINO runs %s on this CPU",
                         self.model._ragtune_runner[0].precision)
@@ -335,7 +336,7 @@ class Embedder:
         feeds = {n: features[n].astype(np.int64) for n in direct.input_names if n in features}
         if "token_type_ids" in direct.input_names and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        hidden = direct.runner(feeds, wide=True) if wide else direct.runner(feeds)
+        hidden = direct.runner(feeds, wide=wide)
         if direct.pooling == "cls":
             pooled = hidden[:, 0]
         else:
