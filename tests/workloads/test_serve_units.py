@@ -128,6 +128,41 @@ def test_chunk_token_counts_are_remembered_and_the_oldest_forgotten_first(tokeni
     assert list(counts.counts) == ["shock wave at the leading edge", "heat transfer"]
 
 
+def test_frame_sizes_are_estimated_per_conversation_shape_and_measured_exactly_near_the_limit(tokenizer):
+    from ragtune_workloads.index import cranfield
+
+    from serve_fixtures import CRANFIELD, cranfield_available
+
+    questions = ["what is the pressure?", "  how does heat transfer change at mach 3 ?\n", "Δp = ½ρv², café"]
+    if cranfield_available():
+        questions += cranfield.load_queries(CRANFIELD)[:40]
+    sizes = prompts.FrameSizes(tokenizer, max_entries=2)
+    for question in questions:
+        messages = [{"role": "user", "content": question}]
+        exact = prompts.grounded_frame(tokenizer, DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE, messages, question,
+                                       64, 1024).empty_tokens
+        estimated = prompts.grounded_frame(tokenizer, DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE, messages,
+                                           question, 64, 1024, sizes=sizes).empty_tokens
+        assert exact <= estimated <= exact + 2, question
+    assert len(sizes.sizes) == 1  # one single-turn shape, whatever the question
+    # the turns before the question and the template are part of the shape; the oldest shape goes first
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+               {"role": "user", "content": "what is lift?"}]
+    longer = sizes.estimate(DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE, history, "what is lift?")
+    assert longer > sizes.estimate(DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE, history[-1:], "what is lift?")
+    sizes.estimate(None, "{question}\n{context}", history[-1:], "what is lift?")
+    assert len(sizes.sizes) == 2 and all(key[0] is None or len(key[2]) == 1 for key in sizes.sizes)
+    # near the limit the frame is measured exactly: refused only when the exact prompt does not fit
+    question = "pressure " * 40
+    messages = [{"role": "user", "content": question}]
+    exact = prompts.grounded_frame(tokenizer, None, DEFAULT_TEMPLATE, messages, question, 16, 1024).empty_tokens
+    fits = prompts.grounded_frame(tokenizer, None, DEFAULT_TEMPLATE, messages, question, 16, exact + 16,
+                                  sizes=sizes)
+    assert fits.empty_tokens == exact
+    with pytest.raises(prompts.PromptTooLongError):
+        prompts.grounded_frame(tokenizer, None, DEFAULT_TEMPLATE, messages, question, 16, exact + 15, sizes=sizes)
+
+
 @pytest.mark.parametrize("text", ["", "plain words", "Überschall-Strömung: Δp = ½ρv² \u2014 café", "  spaces\n\n\ttabs  ",
                                   "<|im_start|>user\nhi<|im_end|>", "x" * 3000])
 def test_the_direct_tokenizer_path_gives_the_wrappers_ids(tokenizer, text):

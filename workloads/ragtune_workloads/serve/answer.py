@@ -66,6 +66,7 @@ class Answerer:
         self.context_length = context_length
         self.retrieve = retrieve
         self.chunk_tokens = prompts.TokenCounts(tokenizer)
+        self.frame_sizes = prompts.FrameSizes(tokenizer)
 
     def retrieval_choice(self, requested: str | None) -> str:
         choice = requested or self.settings.default_retrieval
@@ -95,13 +96,13 @@ class Answerer:
 
         started = time.perf_counter()
         retrieval = asyncio.ensure_future(self.retrieve(question, s.top_k))
-        # While the query is embedded and searched (off the event loop), the prompt without context is rendered
-        # and measured: its tokens are what the context must fit next to.
+        # While the query is embedded and searched (off the event loop), the prompt without context is measured
+        # (estimated, for a conversation shape seen before): its tokens are what the context must fit next to.
         frame: prompts.Frame | prompts.PromptTooLongError
         try:
             frame = prompts.grounded_frame(self.tokenizer, prompts.system_prompt(s.mode, s.system, grounded=True),
                                            s.template, messages, question, max_tokens, self.context_length,
-                                           self.chunk_tokens)
+                                           self.chunk_tokens, self.frame_sizes)
         except prompts.PromptTooLongError as exc:
             frame = exc
         except BaseException:
