@@ -293,6 +293,24 @@ def test_onnx_runs_a_few_texts_directly_with_the_same_vectors(model_path, tmp_pa
     assert ((direct * through_st).sum(axis=1) > 0.99999).all()
 
 
+def test_one_query_is_tokenised_as_the_tokenizers_own_call_would(model_path, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
+    from ragtune_workloads.serve.cache import VersionedCache
+    from ragtune_workloads.serve.retriever import CachingEmbedder
+
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
+    onnx = Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx")
+    assert onnx._single is not None and onnx.plain_tokenizer is not None
+    texts = ["  Shock waves on a Blunt body ", "Überschall-Strömung: Δp = ½ρv²", "heat transfer " * 300, "lift"]
+    alone = [onnx.embed_queries([text]) for text in texts]
+    fits = [CachingEmbedder(onnx, VersionedCache(0)).fit(text) for text in texts]
+    onnx._single = onnx.plain_tokenizer = None  # the tokenizer's own call
+    for text, vector, fit in zip(texts, alone, fits):
+        assert (vector * onnx.embed_queries([text])).sum() > 0.99999, text
+        assert fit == CachingEmbedder(onnx, VersionedCache(0)).fit(text)
+    assert len(fits[2]) < len(texts[2])  # the long query was cut to what the model reads
+
+
 def test_an_endpoint_embeds_queries_with_onnx_and_falls_back_to_torch(model_path, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime", reason="retrieval.queryBackend=onnx needs onnxruntime")
     from ragtune.api.workload import RetrievalTarget

@@ -19,6 +19,7 @@ onnx on AVX-512 VNNI, vectors within cosine 0.99.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -27,6 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -270,6 +272,24 @@ def cpu_has_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
+def single_text_tokenizer(tokenizer: Any, max_length: int | None) -> Any | None:
+    """A private copy of a fast tokenizer's Rust tokenizer for one text per call: no padding, and truncated on the
+    right to `max_length` tokens (special tokens included) or not at all, so it gives the ids the tokenizer's own
+    call gives with those settings. The wrapper's call costs ~0.3 ms more than the tokenisation of a query when the
+    CPU's caches are cold, and it sets truncation and padding on the shared Rust tokenizer every time. None for a
+    slow tokenizer or one truncating on the left."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "truncation_side", "right") != "right":
+        return None
+    single = copy.deepcopy(backend)
+    single.no_padding()
+    if max_length:
+        single.enable_truncation(max_length)
+    else:
+        single.no_truncation()
+    return single
+
+
 class Embedder:
     def __init__(self, ref: ModelRef, backend: str = "torch", batch_size: int = 64, normalize: bool = True,
                  query_prefix: str = "", model=None, precision: str = "fp32", threads: int | None = None,
@@ -300,6 +320,9 @@ class Embedder:
         # window, which relies on the tokenizer's own limit staying as loaded.
         self.tokenizer = self.model.tokenizer
         self._direct = direct_run(self.model)
+        # One query at a time: its tokens without truncation (where a query is cut), and as the model reads them.
+        self.plain_tokenizer = single_text_tokenizer(self.tokenizer, None)
+        self._single = single_text_tokenizer(self.tokenizer, self._direct.max_length) if self._direct else None
 
     @property
     def name(self) -> str:
@@ -331,8 +354,13 @@ class Embedder:
         texts = [str(t).strip() for t in texts]
         if direct.lower_case:
             texts = [t.lower() for t in texts]
-        features = self.tokenizer(texts, padding=True, truncation="longest_first", return_tensors="np",
-                                  max_length=direct.max_length)
+        if len(texts) == 1 and self._single is not None:
+            encoding = self._single.encode(texts[0])
+            features = {"input_ids": np.array([encoding.ids]), "attention_mask": np.array([encoding.attention_mask]),
+                        "token_type_ids": np.array([encoding.type_ids])}
+        else:
+            features = self.tokenizer(texts, padding=True, truncation="longest_first", return_tensors="np",
+                                      max_length=direct.max_length)
         feeds = {n: features[n].astype(np.int64) for n in direct.input_names if n in features}
         if "token_type_ids" in direct.input_names and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])

@@ -51,8 +51,12 @@ class CachingEmbedder:
         """The query cut to what the embedding model reads: the shared Embedder lifts the tokenizer's length
         limit for chunking, and an untruncated long query would overflow the model's position embeddings."""
         limit = self.inner.max_chunk_tokens
-        offsets = self.inner.tokenizer(query, add_special_tokens=False, return_offsets_mapping=True,
-                                       verbose=False)["offset_mapping"]
+        plain = self.inner.plain_tokenizer
+        if plain is not None:
+            offsets = plain.encode(query, add_special_tokens=False).offsets
+        else:
+            offsets = self.inner.tokenizer(query, add_special_tokens=False, return_offsets_mapping=True,
+                                           verbose=False)["offset_mapping"]
         return query if len(offsets) <= limit else query[:offsets[limit - 1][1]]
 
     def embed_queries(self, queries: list[str]) -> np.ndarray:
