@@ -150,7 +150,9 @@ def test_frame_sizes_are_estimated_per_conversation_shape_and_measured_exactly_n
                {"role": "user", "content": "what is lift?"}]
     longer = sizes.estimate(DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE, history, "what is lift?")
     assert longer > sizes.estimate(DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE, history[-1:], "what is lift?")
-    sizes.estimate(None, "{question}\n{context}", history[-1:], "what is lift?")
+    twice = "{question}\n{context}\nOnce more: {question}"
+    exact = prompts.grounded_frame(tokenizer, None, twice, history[-1:], "what is lift?", 64, 1024).empty_tokens
+    assert exact <= sizes.estimate(None, twice, history[-1:], "what is lift?") <= exact + 4
     assert len(sizes.sizes) == 2 and all(key[0] is None or len(key[2]) == 1 for key in sizes.sizes)
     # near the limit the frame is measured exactly: refused only when the exact prompt does not fit
     question = "pressure " * 40

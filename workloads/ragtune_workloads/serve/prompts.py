@@ -144,7 +144,8 @@ class FrameSizes:
                 self.sizes.popitem(last=False)
         else:
             self.sizes.move_to_end(key)
-        return size + len(encode(self.tokenizer, question))
+        # a template may ask for the question more than once (or not at all)
+        return size + len(encode(self.tokenizer, question)) * PLACEHOLDER.findall(template).count("question")
 
 
 def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
