@@ -300,14 +300,15 @@ def test_one_query_is_tokenised_as_the_tokenizers_own_call_would(model_path, tmp
 
     monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
     onnx = Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx")
-    assert onnx._single is not None and onnx.plain_tokenizer is not None
+    caching = CachingEmbedder(onnx, VersionedCache(0))
+    assert onnx._single is not None and caching.plain_tokenizer is not None
     texts = ["  Shock waves on a Blunt body ", "Überschall-Strömung: Δp = ½ρv²", "heat transfer " * 300, "lift"]
     alone = [onnx.embed_queries([text]) for text in texts]
-    fits = [CachingEmbedder(onnx, VersionedCache(0)).fit(text) for text in texts]
-    onnx._single = onnx.plain_tokenizer = None  # the tokenizer's own call
+    fits = [caching.fit(text) for text in texts]
+    onnx._single = caching.plain_tokenizer = None  # the tokenizer's own call
     for text, vector, fit in zip(texts, alone, fits):
         assert (vector * onnx.embed_queries([text])).sum() > 0.99999, text
-        assert fit == CachingEmbedder(onnx, VersionedCache(0)).fit(text)
+        assert fit == caching.fit(text)
     assert len(fits[2]) < len(texts[2])  # the long query was cut to what the model reads
 
 
@@ -369,6 +370,7 @@ def test_an_endpoint_runs_every_short_query_length_before_serving(model_path, tm
     # OpenVINO builds kernels per input shape: none is left for a request to wait on, with one thread (queries
     # side by side) or two (a query alone)
     embedder = query_embedder(target)
+    assert "_single" in vars(embedder)  # nor for the copy of the tokenizer a lone query is tokenised with
     wide = ["narrow", "wide"] if embedder.wide_threads else ["narrow"]
     assert seen == [(1, n, how) for n in range(1, QUERY_WARM_TOKENS + 1) for how in wide]
     assert np.allclose(embedder.embed_queries(queries, wide=True), embedder.embed_queries(queries), atol=2e-2)

@@ -20,6 +20,7 @@ onnx on AVX-512 VNNI, vectors within cosine 0.99.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import os
@@ -320,9 +321,12 @@ class Embedder:
         # window, which relies on the tokenizer's own limit staying as loaded.
         self.tokenizer = self.model.tokenizer
         self._direct = direct_run(self.model)
-        # One query at a time: its tokens without truncation (where a query is cut), and as the model reads them.
-        self.plain_tokenizer = single_text_tokenizer(self.tokenizer, None)
-        self._single = single_text_tokenizer(self.tokenizer, self._direct.max_length) if self._direct else None
+
+    @functools.cached_property
+    def _single(self) -> Any | None:
+        """The tokenizer of one text as the exported model reads it. Made on first use (a copy takes ~40 ms; an
+        indexing job rarely embeds one text alone), or by `warm_up_queries` before a server takes queries."""
+        return single_text_tokenizer(self.tokenizer, self._direct.max_length) if self._direct else None
 
     @property
     def name(self) -> str:
@@ -394,6 +398,7 @@ class Embedder:
         direct = self._direct
         if direct is None:
             return 0
+        _ = self._single  # made now rather than on the first query
         lengths = range(1, min(max_tokens, direct.max_length) + 1)
         for length in lengths:
             ones = np.ones((1, length), dtype=np.int64)

@@ -21,7 +21,8 @@ import numpy as np
 
 from ragtune.api.workload import RetrievalTarget
 
-from ragtune_workloads.index.embedding import EXPORTED_BACKENDS, PRECISIONS, Embedder, ModelRef
+from ragtune_workloads.index.embedding import (EXPORTED_BACKENDS, PRECISIONS, Embedder, ModelRef,
+                                               single_text_tokenizer)
 from ragtune_workloads.index.retrieval import Hit, Retriever
 
 from .cache import MISSING, VersionedCache
@@ -46,14 +47,15 @@ class CachingEmbedder:
         self.name = embedder.name
         self.dimension = embedder.dimension
         self.local = threading.local()  # the version the current thread's search runs against
+        # A query's tokens without truncation, to find where it is cut (None: the tokenizer's own call).
+        self.plain_tokenizer = single_text_tokenizer(embedder.tokenizer, None)
 
     def fit(self, query: str) -> str:
         """The query cut to what the embedding model reads: the shared Embedder lifts the tokenizer's length
         limit for chunking, and an untruncated long query would overflow the model's position embeddings."""
         limit = self.inner.max_chunk_tokens
-        plain = self.inner.plain_tokenizer
-        if plain is not None:
-            offsets = plain.encode(query, add_special_tokens=False).offsets
+        if self.plain_tokenizer is not None:
+            offsets = self.plain_tokenizer.encode(query, add_special_tokens=False).offsets
         else:
             offsets = self.inner.tokenizer(query, add_special_tokens=False, return_offsets_mapping=True,
                                            verbose=False)["offset_mapping"]
