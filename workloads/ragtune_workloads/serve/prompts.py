@@ -148,13 +148,43 @@ class FrameSizes:
         return size + len(encode(self.tokenizer, question)) * PLACEHOLDER.findall(template).count("question")
 
 
-def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def render_messages(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, bool]:
+    """The text a prompt is tokenised from, and whether the tokenizer adds its special tokens to it."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return encode(tokenizer, text)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
     # A base model without a chat template gets a plain transcript ending where the answer starts.
-    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
-    return encode(tokenizer, text, special_tokens=True)
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:", True
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    text, special_tokens = render_messages(tokenizer, messages)
+    return encode(tokenizer, text, special_tokens)
+
+
+def chunk_costs(text: str, offsets: Sequence[tuple[int, int]], chunks: Sequence[str]) -> list[int] | None:
+    """Each chunk's tokens in a prompt tokenised with all of them: the tokens starting inside the chunk or the
+    separator before it. None when the chunks, joined, are not found verbatim in `text` (a chat template that
+    rewrote the message)."""
+    start = text.find(CHUNK_SEPARATOR.join(chunks))
+    if start < 0:
+        return None
+    ends = []
+    for chunk in chunks:
+        start += len(chunk)
+        ends.append(start)
+        start += len(CHUNK_SEPARATOR)
+    begin = ends[0] - len(chunks[0])
+    costs = [0] * len(chunks)
+    current = 0
+    for token_start, token_end in offsets:
+        if token_start < begin or token_end == token_start:  # before the context, or added (BOS, EOS)
+            continue
+        while current < len(ends) and token_start >= ends[current]:
+            current += 1
+        if current == len(ends):
+            break
+        costs[current] += 1
+    return costs
 
 
 @dataclass
@@ -189,13 +219,27 @@ class Frame:
     def pack(self, hits: Sequence[dict[str, Any]]) -> Prompt:
         """The prompt with as many of `hits` (best first) as fit; at least one must fit.
 
-        Each chunk's cost is counted once, on its own; rendering the whole prompt for every candidate would cost
-        a chat-template render per chunk. The final render is exact: if merges across chunk boundaries make it a
-        token or two longer than counted, the lowest-ranked chunk goes."""
-        room = self.budget - self.empty_tokens
+        The prompt with every hit is tokenised first: when it fits (the common case) that is the only
+        tokenisation. Otherwise each chunk's cost is read from that tokenisation (the tokens inside it), or
+        counted on its own where it cannot be; chunks go in best first while they fit, a chunk too big for the
+        room left is skipped. The final render is exact: if merges across chunk boundaries make it a token or two
+        longer than counted, the lowest-ranked chunk goes."""
+        hits = list(hits)
+        chunks = [format_chunk(rank, hit) for rank, hit in enumerate(hits, 1)]
+        costs = None
+        if hits:
+            everything = self.build(hits)
+            text, special_tokens = render_messages(self.tokenizer, everything)
+            backend = rust_tokenizer(self.tokenizer)
+            encoding = backend.encode(text, add_special_tokens=special_tokens) if backend is not None else None
+            ids = encoding.ids if encoding is not None else encode(self.tokenizer, text, special_tokens)
+            if len(ids) <= self.budget:
+                return Prompt(ids, everything, hits)
+            costs = chunk_costs(text, encoding.offsets, chunks) if encoding is not None else None
         # A chunk's number in the prompt depends on how many went before it; the cost of the number's digits is
         # counted as if it kept its rank (a chunk skipped before it changes the number by one digit at most).
-        costs = self.count([CHUNK_SEPARATOR + format_chunk(rank, hit) for rank, hit in enumerate(hits, 1)])
+        costs = costs or self.count([CHUNK_SEPARATOR + chunk for chunk in chunks])
+        room = self.budget - self.empty_tokens
         chosen: list[dict[str, Any]] = []
         for hit, cost in zip(hits, costs):
             if cost <= room:
