@@ -109,13 +109,13 @@ def test_context_is_packed_best_first_within_the_context_length(tokenizer):
 
 
 class TokenizerCalls:
-    """The tokenizer, with a count of what its backend tokenised (`backend=False`: no fast backend to call)."""
+    """The tokenizer, with the number of texts in each call to its backend (`backend=False`: no fast backend)."""
 
     def __init__(self, tokenizer, backend: bool = True):
         self.inner = tokenizer
         self.backend_tokenizer = self if backend else None
         self.truncation = self.padding = None
-        self.encoded = self.batches = 0
+        self.calls: list[int] = []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -123,13 +123,9 @@ class TokenizerCalls:
     def __call__(self, *args, **kwargs):
         return self.inner(*args, **kwargs)
 
-    def encode(self, text, add_special_tokens):
-        self.encoded += 1
-        return self.inner.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    def encode_batch(self, texts, add_special_tokens):
-        self.batches += 1
-        return self.inner.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+    def encode_batch_fast(self, texts, add_special_tokens):
+        self.calls.append(len(texts))
+        return self.inner.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
 
 
 def test_a_context_that_fits_is_tokenised_once_with_the_prompt(tokenizer):
@@ -137,15 +133,15 @@ def test_a_context_that_fits_is_tokenised_once_with_the_prompt(tokenizer):
     frame = prompts.grounded_frame(calls, DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE,
                                    [{"role": "user", "content": "what is the pressure?"}], "what is the pressure?",
                                    64, 1024)
-    calls.encoded = 0
+    calls.calls.clear()
     prompt = frame.pack([hit(n, 1 - n / 10, words=12) for n in range(1, 5)])
     assert [h["id"] for h in prompt.sources] == ["c1", "c2", "c3", "c4"]
     assert prompt.token_ids == prompts.encode_messages(tokenizer, prompt.messages)
-    assert (calls.encoded, calls.batches) == (1, 0)
+    assert calls.calls == [1]  # the prompt, nothing else
 
 
 @pytest.mark.parametrize("context_length", [300, 420, 560, 700, 900])
-def test_chunks_are_chosen_alike_whether_costs_come_from_the_prompt_or_are_counted(tokenizer, context_length):
+def test_the_tokenizers_fast_path_and_its_wrapper_pack_alike(tokenizer, context_length):
     hits = [hit(1, 0.9, words=30), hit(2, 0.8, words=60), hit(3, 0.7, words=10), hit(4, 0.6, words=25),
             hit(5, 0.5, words=5)]
     messages = [{"role": "user", "content": "what is the pressure?"}]
@@ -154,24 +150,12 @@ def test_chunks_are_chosen_alike_whether_costs_come_from_the_prompt_or_are_count
         return prompts.grounded_frame(calls, DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE, messages,
                                       "what is the pressure?", 32, context_length).pack(hits)
 
-    from_prompt, counting = TokenizerCalls(tokenizer), TokenizerCalls(tokenizer, backend=False)
-    read, counted = pack(from_prompt), pack(counting)
-    assert from_prompt.batches == 0  # the costs were read from the prompt's own tokens
+    fast, wrapper = TokenizerCalls(tokenizer), TokenizerCalls(tokenizer, backend=False)
+    read, counted = pack(fast), pack(wrapper)
+    assert len(hits) in fast.calls  # too long with everything: the chunks were counted, together
     assert [h["id"] for h in read.sources] == [h["id"] for h in counted.sources]
     assert read.token_ids == counted.token_ids and len(read.token_ids) + 32 <= context_length
     assert 0 < len(read.sources) < len(hits)
-
-
-def test_chunk_costs_read_from_the_prompt_are_each_chunks_tokens(tokenizer):
-    hits = [hit(1, 0.9, words=3), hit(2, 0.8, words=40), hit(3, 0.7, words=1)]
-    chunks = [prompts.format_chunk(rank, h) for rank, h in enumerate(hits, 1)]
-    text = "Context:\n" + prompts.CHUNK_SEPARATOR.join(chunks) + "\n\nQuestion: lift?"
-    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=True)
-    costs = prompts.chunk_costs(text, encoding.offsets, chunks)
-    counted = prompts.token_counts(tokenizer, [prompts.CHUNK_SEPARATOR + chunk for chunk in chunks])
-    assert all(abs(a - b) <= 2 for a, b in zip(costs, counted)), (costs, counted)
-    assert sum(costs) < len(encoding.ids)  # the text around the context is nobody's cost
-    assert prompts.chunk_costs("a template that rewrote the context", encoding.offsets, chunks) is None
 
 
 def test_chunk_token_counts_are_remembered_and_the_oldest_forgotten_first(tokenizer):

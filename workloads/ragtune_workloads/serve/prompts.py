@@ -83,6 +83,8 @@ def rust_tokenizer(tokenizer: Any) -> Any | None:
 def encode(tokenizer: Any, text: str, special_tokens: bool = False) -> list[int]:
     backend = rust_tokenizer(tokenizer)
     if backend is not None:
+        if hasattr(backend, "encode_batch_fast"):  # the same ids without character offsets, in ~0.7x the time
+            return backend.encode_batch_fast([text], add_special_tokens=special_tokens)[0].ids
         return backend.encode(text, add_special_tokens=special_tokens).ids
     return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
@@ -90,7 +92,8 @@ def encode(tokenizer: Any, text: str, special_tokens: bool = False) -> list[int]
 def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     backend = rust_tokenizer(tokenizer)
     if backend is not None:
-        return [len(e.ids) for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+        batch = backend.encode_batch_fast if hasattr(backend, "encode_batch_fast") else backend.encode_batch
+        return [len(e.ids) for e in batch(list(texts), add_special_tokens=False)]
     return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
 
 
@@ -161,32 +164,6 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]
     return encode(tokenizer, text, special_tokens)
 
 
-def chunk_costs(text: str, offsets: Sequence[tuple[int, int]], chunks: Sequence[str]) -> list[int] | None:
-    """Each chunk's tokens in a prompt tokenised with all of them: the tokens starting inside the chunk or the
-    separator before it. None when the chunks, joined, are not found verbatim in `text` (a chat template that
-    rewrote the message)."""
-    start = text.find(CHUNK_SEPARATOR.join(chunks))
-    if start < 0:
-        return None
-    ends = []
-    for chunk in chunks:
-        start += len(chunk)
-        ends.append(start)
-        start += len(CHUNK_SEPARATOR)
-    begin = ends[0] - len(chunks[0])
-    costs = [0] * len(chunks)
-    current = 0
-    for token_start, token_end in offsets:
-        if token_start < begin or token_end == token_start:  # before the context, or added (BOS, EOS)
-            continue
-        while current < len(ends) and token_start >= ends[current]:
-            current += 1
-        if current == len(ends):
-            break
-        costs[current] += 1
-    return costs
-
-
 @dataclass
 class Prompt:
     token_ids: list[int]
@@ -220,26 +197,20 @@ class Frame:
         """The prompt with as many of `hits` (best first) as fit; at least one must fit.
 
         The prompt with every hit is tokenised first: when it fits (the common case) that is the only
-        tokenisation. Otherwise each chunk's cost is read from that tokenisation (the tokens inside it), or
-        counted on its own where it cannot be; chunks go in best first while they fit, a chunk too big for the
-        room left is skipped. The final render is exact: if merges across chunk boundaries make it a token or two
-        longer than counted, the lowest-ranked chunk goes."""
+        tokenisation. Otherwise each chunk's cost is counted once, on its own (rendering the whole prompt for
+        every candidate would cost a tokenisation per chunk), and chunks go in best first while they fit; a chunk
+        too big for the room left is skipped. The final render is exact: if merges across chunk boundaries make
+        it a token or two longer than counted, the lowest-ranked chunk goes."""
         hits = list(hits)
-        chunks = [format_chunk(rank, hit) for rank, hit in enumerate(hits, 1)]
-        costs = None
         if hits:
             everything = self.build(hits)
-            text, special_tokens = render_messages(self.tokenizer, everything)
-            backend = rust_tokenizer(self.tokenizer)
-            encoding = backend.encode(text, add_special_tokens=special_tokens) if backend is not None else None
-            ids = encoding.ids if encoding is not None else encode(self.tokenizer, text, special_tokens)
+            ids = encode_messages(self.tokenizer, everything)
             if len(ids) <= self.budget:
                 return Prompt(ids, everything, hits)
-            costs = chunk_costs(text, encoding.offsets, chunks) if encoding is not None else None
+        room = self.budget - self.empty_tokens
         # A chunk's number in the prompt depends on how many went before it; the cost of the number's digits is
         # counted as if it kept its rank (a chunk skipped before it changes the number by one digit at most).
-        costs = costs or self.count([CHUNK_SEPARATOR + chunk for chunk in chunks])
-        room = self.budget - self.empty_tokens
+        costs = self.count([CHUNK_SEPARATOR + format_chunk(rank, hit) for rank, hit in enumerate(hits, 1)])
         chosen: list[dict[str, Any]] = []
         for hit, cost in zip(hits, costs):
             if cost <= room:
