@@ -128,18 +128,6 @@ class TokenizerCalls:
         return self.inner.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
 
 
-def test_a_context_that_fits_is_tokenised_once_with_the_prompt(tokenizer):
-    calls = TokenizerCalls(tokenizer)
-    frame = prompts.grounded_frame(calls, DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE,
-                                   [{"role": "user", "content": "what is the pressure?"}], "what is the pressure?",
-                                   64, 1024)
-    calls.calls.clear()
-    prompt = frame.pack([hit(n, 1 - n / 10, words=12) for n in range(1, 5)])
-    assert [h["id"] for h in prompt.sources] == ["c1", "c2", "c3", "c4"]
-    assert prompt.token_ids == prompts.encode_messages(tokenizer, prompt.messages)
-    assert calls.calls == [1]  # the prompt, nothing else
-
-
 @pytest.mark.parametrize("context_length", [300, 420, 560, 700, 900])
 def test_the_tokenizers_fast_path_and_its_wrapper_pack_alike(tokenizer, context_length):
     hits = [hit(1, 0.9, words=30), hit(2, 0.8, words=60), hit(3, 0.7, words=10), hit(4, 0.6, words=25),
@@ -151,11 +139,11 @@ def test_the_tokenizers_fast_path_and_its_wrapper_pack_alike(tokenizer, context_
                                       "what is the pressure?", 32, context_length).pack(hits)
 
     fast, wrapper = TokenizerCalls(tokenizer), TokenizerCalls(tokenizer, backend=False)
-    read, counted = pack(fast), pack(wrapper)
-    assert len(hits) in fast.calls  # too long with everything: the chunks were counted, together
-    assert [h["id"] for h in read.sources] == [h["id"] for h in counted.sources]
-    assert read.token_ids == counted.token_ids and len(read.token_ids) + 32 <= context_length
-    assert 0 < len(read.sources) < len(hits)
+    by_fast, by_wrapper = pack(fast), pack(wrapper)
+    assert len(hits) in fast.calls  # the chunks were counted together
+    assert [h["id"] for h in by_fast.sources] == [h["id"] for h in by_wrapper.sources]
+    assert by_fast.token_ids == by_wrapper.token_ids and len(by_fast.token_ids) + 32 <= context_length
+    assert 0 < len(by_fast.sources) < len(hits)
 
 
 def test_chunk_token_counts_are_remembered_and_the_oldest_forgotten_first(tokenizer):

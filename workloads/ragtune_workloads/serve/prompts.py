@@ -151,17 +151,13 @@ class FrameSizes:
         return size + len(encode(self.tokenizer, question)) * PLACEHOLDER.findall(template).count("question")
 
 
-def render_messages(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, bool]:
-    """The text a prompt is tokenised from, and whether the tokenizer adds its special tokens to it."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
-    # A base model without a chat template gets a plain transcript ending where the answer starts.
-    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:", True
-
-
 def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    text, special_tokens = render_messages(tokenizer, messages)
-    return encode(tokenizer, text, special_tokens)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return encode(tokenizer, text)
+    # A base model without a chat template gets a plain transcript ending where the answer starts.
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+    return encode(tokenizer, text, special_tokens=True)
 
 
 @dataclass
@@ -196,17 +192,11 @@ class Frame:
     def pack(self, hits: Sequence[dict[str, Any]]) -> Prompt:
         """The prompt with as many of `hits` (best first) as fit; at least one must fit.
 
-        The prompt with every hit is tokenised first: when it fits (the common case) that is the only
-        tokenisation. Otherwise each chunk's cost is counted once, on its own (rendering the whole prompt for
-        every candidate would cost a tokenisation per chunk), and chunks go in best first while they fit; a chunk
-        too big for the room left is skipped. The final render is exact: if merges across chunk boundaries make
-        it a token or two longer than counted, the lowest-ranked chunk goes."""
-        hits = list(hits)
-        if hits:
-            everything = self.build(hits)
-            ids = encode_messages(self.tokenizer, everything)
-            if len(ids) <= self.budget:
-                return Prompt(ids, everything, hits)
+        Each chunk's cost is counted once, on its own; rendering the whole prompt for every candidate would cost
+        a chat-template render per chunk. The final render is exact: if merges across chunk boundaries make it a
+        token or two longer than counted, the lowest-ranked chunk goes. (Tokenising the prompt with every chunk
+        first, in case it fits, cost more than it saved: with a small context window it seldom fits, and the
+        counts of chunks seen before are remembered.)"""
         room = self.budget - self.empty_tokens
         # A chunk's number in the prompt depends on how many went before it; the cost of the number's digits is
         # counted as if it kept its rank (a chunk skipped before it changes the number by one digit at most).
