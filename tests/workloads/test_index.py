@@ -564,10 +564,13 @@ def test_a_second_index_run_on_the_same_store_is_refused_while_one_runs(tmp_path
         pass
 
 
-@pytest.mark.parametrize("metric,index_type", [("COSINE", "HNSW"), ("IP", "FLAT"), ("L2", "IVF_FLAT")])
+@pytest.mark.parametrize("metric,index_type", [("COSINE", "HNSW"), ("IP", "FLAT"), ("L2", "IVF_FLAT"),
+                                               ("COSINE", "FLAT")])
 def test_the_embedded_reader_answers_exactly_as_pymilvus_does(tmp_path, metric, index_type):
     """The serving path searches milvus-lite copies in process (`LiteReader`), not over pymilvus' loopback gRPC:
-    same hits, order, distances, text and decoded metadata, with and without a filter."""
+    same hits, order, distances, text and decoded metadata, with and without a filter. Without a filter the
+    version's rows are searched in memory, exactly: the same as pymilvus on a FLAT index, the exact neighbours
+    (which an approximate index may miss) on the others; a version too big for memory goes to the engine."""
     from pymilvus import MilvusClient
 
     from ragtune_workloads.index.retrieval import LiteReader
@@ -575,7 +578,7 @@ def test_the_embedded_reader_answers_exactly_as_pymilvus_does(tmp_path, metric, 
 
     rng = np.random.default_rng(7)
     vectors = rng.normal(size=(60, 8)).astype(np.float32)
-    if metric == "COSINE":
+    if metric == "COSINE" and index_type == "HNSW":
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     texts = [f"chunk {i}" for i in range(60)]
     info = VersionInfo(alias="docs", version=1, embedding_model="m", dimension=8, metric=metric,
@@ -588,7 +591,7 @@ def test_the_embedded_reader_answers_exactly_as_pymilvus_does(tmp_path, metric, 
     def search(client, name: str, flt: str) -> list:
         hits = client.search(name, data=queries, limit=6, filter=flt, output_fields=["text", "metadata"],
                              search_params=params)
-        return [[(str(h["id"]), round(float(h["distance"]), 5), h["entity"]["text"], h["entity"]["metadata"])
+        return [[(str(h["id"]), round(float(h["distance"]), 4), h["entity"]["text"], h["entity"]["metadata"])
                  for h in per_query] for per_query in hits]
 
     client = MilvusClient(str(path))
@@ -599,14 +602,31 @@ def test_the_embedded_reader_answers_exactly_as_pymilvus_does(tmp_path, metric, 
         expected = {flt: search(client, info.collection, flt) for flt in ("", 'text != "chunk 3"')}
     finally:
         client.close()
+    # the exact neighbours, best first, with milvus' public distances
+    q = np.asarray(queries, dtype=np.float32)
+    if metric == "COSINE":
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        scores = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ unit.T
+    elif metric == "IP":
+        scores = q @ vectors.T
+    else:
+        scores = -((q[:, None, :] - vectors[None, :, :]) ** 2).sum(axis=2)
+    exact = [[(f"id-{i}", round(float(abs(row[i]) if metric == "L2" else row[i]), 4)) for i in np.argsort(-row)[:6]]
+             for row in scores]
     # As the endpoint does: a private copy of the version (the original stays locked by the process that wrote it).
     shutil.copytree(path, tmp_path / "copy.db")
-    reader = LiteReader(tmp_path / "copy.db", info.collection)
-    try:
-        for flt, want in expected.items():
-            got = search(reader, info.collection, flt)
-            assert got == want
-            assert all(len(per_query) == 6 for per_query in got)
-            assert isinstance(got[0][0][3], dict) and got[0][0][3]["path"].startswith("doc")
-    finally:
-        reader.close()
+    for memory_max_values in (None, 0):
+        reader = LiteReader(tmp_path / "copy.db", info.collection, memory_max_values=memory_max_values)
+        try:
+            assert (reader.memory is not None) == (memory_max_values is None)
+            for flt, want in expected.items():
+                got = search(reader, info.collection, flt)
+                in_memory = reader.memory is not None and not flt
+                if not in_memory or index_type == "FLAT":
+                    assert got == want
+                if in_memory:
+                    assert [[hit[:2] for hit in per_query] for per_query in got] == exact
+                assert all(len(per_query) == 6 for per_query in got)
+                assert isinstance(got[0][0][3], dict) and got[0][0][3]["path"].startswith("doc")
+        finally:
+            reader.close()

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .embedding import Embedder, ModelRef
 from .store import POINTER_FILE, VersionInfo, collection_info, is_server_uri, read_pointer
 
@@ -94,37 +96,97 @@ class OpenVersion:
                 shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
+# Values (rows x dimensions) of a version searched in memory: 64M float32 (256 MB), e.g. ~166k chunks at 384.
+MEMORY_SEARCH_MAX_VALUES = 64 * 1024 * 1024
+
+
+class MemorySearch:
+    """A published version's live rows held in memory and searched exactly: one matrix-vector product and a
+    partial sort. milvus-lite's own search walks every row of a collection in Python before its index is used
+    (measured: 2.3 ms at 1k rows, 17 ms at 10k, 104 ms at 50k; this: 0.05, 0.34, 4 ms). A version never changes
+    once published, so its rows are read once, when it is opened. Distances are milvus-lite's public ones:
+    cosine similarity, inner product, squared L2."""
+
+    def __init__(self, rows: list[dict], vector_field: str, pk_field: str, metric: str):
+        self.metric = metric
+        self.pks = [row[pk_field] for row in rows]
+        self.entities = [{key: value for key, value in row.items() if key not in (vector_field, pk_field)}
+                         for row in rows]
+        vectors = np.asarray([row[vector_field] for row in rows], dtype=np.float32).reshape(len(rows), -1)
+        if metric == "COSINE":  # a zero vector stays zero: similarity 0, as milvus-lite scores it
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.where(norms == 0, 1.0, norms)
+        self.vectors = vectors
+        self.squared_norms = (vectors * vectors).sum(axis=1) if metric == "L2" else None
+
+    def search(self, queries: list, limit: int, output_fields: list[str] | None) -> list[list[dict]]:
+        q = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
+        if self.metric == "COSINE":
+            norms = np.linalg.norm(q, axis=1, keepdims=True)
+            q = q / np.where(norms == 0, 1.0, norms)
+        scores = q @ self.vectors.T
+        if self.metric == "L2":  # |v - q|^2, smaller is closer
+            scores = np.maximum(self.squared_norms[None, :] - 2 * scores + (q * q).sum(axis=1, keepdims=True), 0)
+        order_key = scores if self.metric == "L2" else -scores
+        k = min(limit, len(self.pks))
+        results = []
+        for row_scores, keys in zip(scores, order_key):
+            top = np.argpartition(keys, k - 1)[:k] if k < len(keys) else np.arange(len(keys))
+            top = top[np.lexsort((top, keys[top]))]  # best first; ties by row
+            results.append([{"id": self.pks[i], "distance": float(row_scores[i]),
+                             "entity": {name: self.entities[i].get(name) for name in (output_fields or [])}}
+                            for i in top.tolist()])
+        return results
+
+
 class LiteReader:
     """A milvus-lite copy opened with milvus-lite's own API, searched with the keyword arguments of pymilvus'
     `MilvusClient.search`. Through pymilvus a search on a milvus-lite file travels over loopback gRPC to a server
     thread of this same process: measured, that round trip was ~90 % of a search (~2.2 ms back to back, ~4 ms
-    inside a serving replica), the search itself ~0.15 ms."""
+    inside a serving replica). Searches without a filter run on the version's rows in memory (`MemorySearch`)
+    when it holds at most `MEMORY_SEARCH_MAX_VALUES`; filtered ones, and larger versions, on milvus-lite's
+    engine."""
 
-    def __init__(self, data_dir: Path, collection: str):
+    def __init__(self, data_dir: Path, collection: str, memory_max_values: int | None = None):
         from milvus_lite import DataType, MilvusLite
 
         self._db = MilvusLite(str(data_dir))
         try:
             self._collection = self._db.get_collection(collection)
             self._collection.load()  # a reopened milvus-lite collection starts released
+            # The engine hands JSON fields back as their text; pymilvus gives them decoded.
+            fields = self._collection.schema.fields
+            self._json_fields = [f.name for f in fields if f.dtype == DataType.JSON]
+            self.memory = self._memory_search(fields, DataType, memory_max_values)
         except BaseException:
             self._db.close()
             raise
-        # The engine hands JSON fields back as their text; pymilvus gives them decoded.
-        self._json_fields = [f.name for f in self._collection.schema.fields if f.dtype == DataType.JSON]
+
+    def _memory_search(self, fields, data_type, max_values: int | None) -> MemorySearch | None:
+        vector = [f for f in fields if f.dtype == data_type.FLOAT_VECTOR]
+        limit = MEMORY_SEARCH_MAX_VALUES if max_values is None else max_values
+        if len(vector) != 1 or self._collection.num_entities * (vector[0].dim or 0) > limit:
+            return None
+        metric = (self._collection.get_index_info(vector[0].name) or {}).get("metric_type", "COSINE")
+        rows = self._collection.query(output_fields=[f.name for f in fields])
+        self._decode(rows)
+        return MemorySearch(rows, vector[0].name, self._collection.pk_field, metric)
+
+    def _decode(self, entities: list[dict]) -> None:
+        for entity in entities:
+            for name in self._json_fields:
+                if isinstance(entity.get(name), (str, bytes)):
+                    entity[name] = json.loads(entity[name])
 
     def search(self, collection_name: str, data: list, limit: int, filter: str = "",
                output_fields: list[str] | None = None, search_params: dict | None = None) -> list[list[dict]]:
         params = search_params or {}
+        if self.memory is not None and not filter and params.get("metric_type") in (None, self.memory.metric):
+            return self.memory.search(data, limit, output_fields)
         results = self._collection.search(query_vectors=data, top_k=limit, metric_type=params.get("metric_type"),
                                           expr=filter or None, output_fields=output_fields,
                                           search_params=params.get("params") or None)
-        for hits in results:
-            for hit in hits:
-                entity = hit.get("entity", {})
-                for name in self._json_fields:
-                    if isinstance(entity.get(name), (str, bytes)):
-                        entity[name] = json.loads(entity[name])
+        self._decode([hit.get("entity", {}) for hits in results for hit in hits])
         return results
 
     def close(self) -> None:
