@@ -618,6 +618,7 @@ def test_the_embedded_reader_answers_exactly_as_pymilvus_does(tmp_path, metric, 
     for memory_max_values in (None, 0):
         reader = LiteReader(tmp_path / "copy.db", info.collection, memory_max_values=memory_max_values)
         try:
+            assert reader.memory_loaded.wait(30)
             assert (reader.memory is not None) == (memory_max_values is None)
             for flt, want in expected.items():
                 got = search(reader, info.collection, flt)
@@ -630,3 +631,6 @@ def test_the_embedded_reader_answers_exactly_as_pymilvus_does(tmp_path, metric, 
                 assert isinstance(got[0][0][3], dict) and got[0][0][3]["path"].startswith("doc")
         finally:
             reader.close()
+    reader = LiteReader(tmp_path / "copy.db", info.collection)
+    reader.close()  # while its rows may still be read: the read ends, nothing is left waiting
+    assert reader.memory_loaded.wait(30)
