@@ -104,7 +104,7 @@ class MemorySearch:
     """A published version's live rows held in memory and searched exactly: one matrix-vector product and a
     partial sort. milvus-lite's own search walks every row of a collection in Python before its index is used
     (measured: 2.3 ms at 1k rows, 17 ms at 10k, 104 ms at 50k; this: 0.05, 0.34, 4 ms). A version never changes
-    once published, so its rows are read once, when it is opened. Distances are milvus-lite's public ones:
+    once published, so its rows are read once, after it is opened. Distances are milvus-lite's public ones:
     cosine similarity, inner product, squared L2."""
 
     def __init__(self, rows: list[dict], vector_field: str, pk_field: str, metric: str):
@@ -145,7 +145,7 @@ class LiteReader:
     thread of this same process: measured, that round trip was ~90 % of a search (~2.2 ms back to back, ~4 ms
     inside a serving replica). Searches without a filter run on the version's rows in memory (`MemorySearch`)
     when it holds at most `MEMORY_SEARCH_MAX_VALUES`; filtered ones, and larger versions, on milvus-lite's
-    engine. The rows are read in a thread of their own (milvus-lite reads ~10k rows a second): the version is
+    engine. The rows are read in a thread of their own (milvus-lite reads 10-15k a second): the version is
     searched on the engine until they are in memory, so opening a version is not delayed by its size."""
 
     def __init__(self, data_dir: Path, collection: str, memory_max_values: int | None = None):

@@ -80,20 +80,24 @@ def rust_tokenizer(tokenizer: Any) -> Any | None:
     return backend
 
 
+def encode_backend(backend: Any, texts: list[str], special_tokens: bool) -> list[Any]:
+    """Encodings of `texts` by a `tokenizers` object, without character offsets where the library can skip them
+    (`encode_batch_fast`: the same ids in ~0.7x the time)."""
+    batch = backend.encode_batch_fast if hasattr(backend, "encode_batch_fast") else backend.encode_batch
+    return batch(texts, add_special_tokens=special_tokens)
+
+
 def encode(tokenizer: Any, text: str, special_tokens: bool = False) -> list[int]:
     backend = rust_tokenizer(tokenizer)
     if backend is not None:
-        if hasattr(backend, "encode_batch_fast"):  # the same ids without character offsets, in ~0.7x the time
-            return backend.encode_batch_fast([text], add_special_tokens=special_tokens)[0].ids
-        return backend.encode(text, add_special_tokens=special_tokens).ids
+        return encode_backend(backend, [text], special_tokens)[0].ids
     return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
 
 def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     backend = rust_tokenizer(tokenizer)
     if backend is not None:
-        batch = backend.encode_batch_fast if hasattr(backend, "encode_batch_fast") else backend.encode_batch
-        return [len(e.ids) for e in batch(list(texts), add_special_tokens=False)]
+        return [len(e.ids) for e in encode_backend(backend, list(texts), False)]
     return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
 
 
