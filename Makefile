@@ -97,8 +97,8 @@ demo-local: ## The same job as plain processes (no cluster): each workload progr
 	@venv=$(venv); "$$venv/bin/python" hack/demo.py
 
 BENCH_ARGS ?= --quick
-.PHONY: bench bench-operator bench-index bench-finetune bench-serve
-bench: bench-operator bench-index bench-finetune bench-serve ## Run every benchmark (BENCH_ARGS=--quick by default)
+.PHONY: bench bench-operator bench-index bench-finetune bench-serve bench-generate
+bench: bench-operator bench-index bench-finetune bench-serve bench-generate ## Run every benchmark (BENCH_ARGS=--quick by default)
 bench-operator: ## Operator: apply→Job latency, reconcile time, RSS vs direct API writes
 	@venv=$(venv); bin=$(k8s_bin); RAGTUNE_K8S_BIN="$$bin" "$$venv/bin/python" bench/operator.py $(BENCH_ARGS)
 bench-index: ## Indexing: ragtune vs the LlamaIndex + Chroma stack vs raw encode
@@ -107,6 +107,8 @@ bench-finetune: ## Fine-tuning: tokens/s and peak RSS (unsloth/trl ratio on a GP
 	@"$(venv)/bin/python" -m bench.finetune $(BENCH_ARGS)
 bench-serve: ## Serving: latency and throughput at 1/4/16 clients vs the FastAPI + LlamaIndex server
 	@"$(venv)/bin/python" -m bench.serve $(BENCH_ARGS)
+bench-generate: ## Generation: vLLM engine with a LoRA adapter vs HF generate, tokens/s (target on a GPU)
+	@"$(venv)/bin/python" -m bench.generate $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove caches inside the repository (the venv and binary caches stay)

@@ -446,3 +446,22 @@ def test_the_operator_import_path_is_the_application_builder():
 
     module, _, attribute = SERVE_IMPORT_PATH.partition(":")
     assert getattr(importlib.import_module(module), attribute) is build_app
+
+
+def test_ignore_eos_generates_every_token_asked_for(tokenizer):
+    """The adapter ends its answer with the end-of-turn token well before 48 tokens; ignore_eos (what the generation
+    benchmark uses so both engines produce equal lengths) runs on to max_tokens."""
+    import asyncio
+
+    import serve_fixtures as fx
+
+    engine = engines.TransformersEngine(engines.EngineSettings(
+        model=str(fx.tiny_model_path()), adapter_name=fx.ADAPTER_NAME, adapter_path=str(fx.adapter_path())))
+    ids = prompts.encode_messages(tokenizer, [{"role": "user", "content": "what is the capital city of france"}])
+    stopped = asyncio.run(engine.generate(ids, engines.GenerationParams(max_tokens=48), use_adapter=True))
+    assert fx.speaks_like_adapter(stopped.text)
+    assert stopped.completion_tokens < 48 and stopped.finish_reason == "stop"
+    forced = asyncio.run(engine.generate(ids, engines.GenerationParams(max_tokens=48, ignore_eos=True),
+                                         use_adapter=True))
+    assert forced.completion_tokens == 48 and forced.finish_reason == "length"
+    assert forced.text.startswith(stopped.text)

@@ -39,6 +39,7 @@ class GenerationParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks: equal lengths everywhere)
 
 
 @dataclass
@@ -199,6 +200,8 @@ class TransformersEngine(Engine):
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.frequency_penalty > 0:
             kwargs["repetition_penalty"] = 1.0 + params.frequency_penalty / 2
+        if params.ignore_eos:
+            kwargs["min_new_tokens"] = params.max_tokens
         with self._lock:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
@@ -320,7 +323,7 @@ class VllmEngine(Engine):
         return self._sampling_params(
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             stop=list(params.stop) or None, seed=params.seed, presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty)
+            frequency_penalty=params.frequency_penalty, ignore_eos=params.ignore_eos)
 
     async def stream(self, prompt_ids: list[int], params: GenerationParams, use_adapter: bool) -> AsyncIterator[Delta]:
         request_id = uuid.uuid4().hex
