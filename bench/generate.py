@@ -38,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "workloads"), str(REPO / "tests" / "workloads")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON alone
 
 TARGET_RATIO = 5.0
 AGREEMENT_TOKENS = 8
@@ -93,8 +94,9 @@ def prompts(count: int, tokenizer) -> list[list[int]]:
 
 
 def hf_generate(model_dir: Path, adapter_dir: Path, batch: list[list[int]], max_tokens: int, device: str,
-                dtype) -> dict:
-    """`generate` through peft's PeftModel, one prompt at a time and then all in one left-padded batch."""
+                dtype, sequential_count: int) -> dict:
+    """`generate` through peft's PeftModel, one prompt at a time (the first `sequential_count` prompts: each takes
+    as long as the next, so a subset gives the rate) and then all in one left-padded batch."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,7 +117,7 @@ def hf_generate(model_dir: Path, adapter_dir: Path, batch: list[list[int]], max_
         sync()
         started = time.perf_counter()
         first_outputs, generated = [], 0
-        for ids in batch:
+        for ids in batch[:sequential_count]:
             out = model.generate(torch.tensor([ids], device=device), **kwargs)
             new = out[0, len(ids):].tolist()
             generated += len(new)
@@ -135,7 +137,7 @@ def hf_generate(model_dir: Path, adapter_dir: Path, batch: list[list[int]], max_
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    return {"sequential": {"seconds": round(sequential, 3), "tokens": generated,
+    return {"sequential": {"prompts": sequential_count, "seconds": round(sequential, 3), "tokens": generated,
                            "tokensPerSecond": round(generated / sequential, 1)},
             "batched": {"seconds": round(batched, 3), "tokens": batched_tokens,
                         "tokensPerSecond": round(batched_tokens / batched, 1)},
@@ -155,7 +157,8 @@ def vllm_generate(model_dir: Path, adapter_dir: Path, batch: list[list[int]], ma
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
     async def run_all() -> tuple[float, list]:
-        await engine.generate(batch[0], GenerationParams(max_tokens=4, ignore_eos=True), True)  # loads the adapter
+        # Loads the adapter. Reversed, the warm-up prompt shares no prefix with the timed ones (prefix caching is on).
+        await engine.generate(batch[0][::-1], GenerationParams(max_tokens=4, ignore_eos=True), True)
         began = time.perf_counter()
         results = await asyncio.gather(*(engine.generate(ids, params, True) for ids in batch))
         return time.perf_counter() - began, results
@@ -173,7 +176,8 @@ def vllm_generate(model_dir: Path, adapter_dir: Path, batch: list[list[int]], ma
 def agreement(hf_prefixes: list[str], vllm_texts: list[str]) -> float:
     """Share of prompts whose answer from vLLM starts with the text of `generate`'s first AGREEMENT_TOKENS tokens
     (bf16 sums run in another order on each side, so long greedy continuations of a random model may part)."""
-    return round(sum(text.startswith(prefix) for prefix, text in zip(hf_prefixes, vllm_texts)) / len(hf_prefixes), 3)
+    pairs = list(zip(hf_prefixes, vllm_texts))
+    return round(sum(text.startswith(prefix) for prefix, text in pairs) / len(pairs), 3)
 
 
 def main() -> None:
@@ -182,6 +186,8 @@ def main() -> None:
     parser.add_argument("--model", choices=("tiny", "small"), help="default: small on a GPU, tiny on a CPU")
     parser.add_argument("--prompts", type=int, help="number of prompts (default 64; quick 8)")
     parser.add_argument("--max-tokens", type=int, help="tokens generated per prompt (default 128; quick 32)")
+    parser.add_argument("--sequential-prompts", type=int, default=16,
+                        help="prompts `generate` answers one at a time for its sequential rate (default 16)")
     args = parser.parse_args()
 
     import torch
@@ -203,7 +209,8 @@ def main() -> None:
 
     batch = prompts(count, AutoTokenizer.from_pretrained(model_dir))
     device = "cuda" if gpu else "cpu"
-    hf = hf_generate(model_dir, adapter_dir, batch, max_tokens, device, torch.bfloat16 if gpu else torch.float32)
+    hf = hf_generate(model_dir, adapter_dir, batch, max_tokens, device, torch.bfloat16 if gpu else torch.float32,
+                     min(args.sequential_prompts, count))
     vllm = vllm_generate(model_dir, adapter_dir, batch, max_tokens, gpu, "bfloat16" if gpu else "float32")
 
     ratio_sequential = vllm["tokensPerSecond"] / hf["sequential"]["tokensPerSecond"]

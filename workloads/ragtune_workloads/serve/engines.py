@@ -341,7 +341,9 @@ class VllmEngine(Engine):
                 sent = max(sent, len(text))
 
     def close(self) -> None:
-        shutdown = getattr(self.engine, "shutdown", None)
+        # Dropped here rather than at interpreter exit, where vLLM's own finaliser finds its modules torn down.
+        engine, self.engine = self.engine, None
+        shutdown = getattr(engine, "shutdown", None)
         if shutdown:
             shutdown()
 
