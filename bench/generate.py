@@ -93,15 +93,14 @@ def prompts(count: int, tokenizer) -> list[list[int]]:
     return out
 
 
-def hf_generate(model_dir: Path, adapter_dir: Path, batch: list[list[int]], max_tokens: int, device: str,
-                dtype, sequential_count: int) -> dict:
+def hf_generate(model_dir: Path, adapter_dir: Path, tokenizer, batch: list[list[int]], max_tokens: int,
+                device: str, dtype, sequential_count: int) -> dict:
     """`generate` through peft's PeftModel, one prompt at a time (the first `sequential_count` prompts: each takes
     as long as the next, so a subset gives the rate) and then all in one left-padded batch."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=ADAPTER_NAME).to(device).eval()
     kwargs = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, temperature=None,
@@ -116,14 +115,14 @@ def hf_generate(model_dir: Path, adapter_dir: Path, batch: list[list[int]], max_
                                                                    "min_new_tokens": 4})  # warm-up
         sync()
         started = time.perf_counter()
-        first_outputs, generated = [], 0
+        answers = []
         for ids in batch[:sequential_count]:
-            out = model.generate(torch.tensor([ids], device=device), **kwargs)
-            new = out[0, len(ids):].tolist()
-            generated += len(new)
-            first_outputs.append(tokenizer.decode(new[:AGREEMENT_TOKENS], skip_special_tokens=True))
+            answers.append(model.generate(torch.tensor([ids], device=device), **kwargs)[0, len(ids):])
         sync()
         sequential = time.perf_counter() - started
+        generated = sum(len(answer) for answer in answers)
+        first_outputs = [tokenizer.decode(answer[:AGREEMENT_TOKENS].tolist(), skip_special_tokens=True)
+                         for answer in answers]
 
         width = max(len(ids) for ids in batch)
         padded = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in batch], device=device)
@@ -207,10 +206,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    batch = prompts(count, AutoTokenizer.from_pretrained(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batch = prompts(count, tokenizer)
     device = "cuda" if gpu else "cpu"
-    hf = hf_generate(model_dir, adapter_dir, batch, max_tokens, device, torch.bfloat16 if gpu else torch.float32,
-                     min(args.sequential_prompts, count))
+    hf = hf_generate(model_dir, adapter_dir, tokenizer, batch, max_tokens, device,
+                     torch.bfloat16 if gpu else torch.float32, min(args.sequential_prompts, count))
     vllm = vllm_generate(model_dir, adapter_dir, batch, max_tokens, gpu, "bfloat16" if gpu else "float32")
 
     ratio_sequential = vllm["tokensPerSecond"] / hf["sequential"]["tokensPerSecond"]
