@@ -465,3 +465,12 @@ def test_ignore_eos_generates_every_token_asked_for(tokenizer):
                                          use_adapter=True))
     assert forced.completion_tokens == 48 and forced.finish_reason == "length"
     assert forced.text.startswith(stopped.text)
+
+
+def test_vllm_sampling_carries_ignore_eos():
+    """The same request field reaches vLLM's own SamplingParams (the engine itself is not started here)."""
+    vllm = pytest.importorskip("vllm", reason="vLLM is not installed")
+    engine = engines.VllmEngine.__new__(engines.VllmEngine)
+    engine._sampling_params = vllm.SamplingParams
+    assert engine._sampling(engines.GenerationParams(max_tokens=8, ignore_eos=True)).ignore_eos
+    assert not engine._sampling(engines.GenerationParams(max_tokens=8)).ignore_eos
