@@ -474,3 +474,13 @@ def test_vllm_sampling_carries_ignore_eos():
     engine._sampling_params = vllm.SamplingParams
     assert engine._sampling(engines.GenerationParams(max_tokens=8, ignore_eos=True)).ignore_eos
     assert not engine._sampling(engines.GenerationParams(max_tokens=8)).ignore_eos
+
+
+def test_vllm_spawns_its_engine_core_when_cuda_is_already_in_use():
+    """A forked engine core cannot use CUDA its parent already initialised; spawned, it can. On a CPU the model runs
+    inside the engine-core process."""
+    gpu = engines.EngineSettings(model="m", gpus=1)
+    assert engines.vllm_process_env(gpu, cuda_in_use=True) == {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    assert engines.vllm_process_env(gpu, cuda_in_use=False) == {}
+    cpu = engines.vllm_process_env(engines.EngineSettings(model="m", gpus=0), cuda_in_use=False)
+    assert cpu["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and "VLLM_WORKER_MULTIPROC_METHOD" not in cpu
