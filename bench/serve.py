@@ -17,6 +17,9 @@ the rest inside the replica. Concurrency 1, 4
 and 16 clients, each level with queries no earlier level asked (ragtune's caches cannot help: "cold"); then the
 concurrency-1 queries once more ("warm", where ragtune answers retrieval from its per-version cache and the baseline
 has nothing to reuse).
+The two servers' answers to the same (cold) questions are compared in `answers`: the share with the same number of
+completion tokens (the same generation work), the share of identical texts, and how far the cited documents agree
+(each side chunks the corpus its own way, so chunks cannot be compared one for one).
 Servers are measured one after the other, never together. Prints one JSON object; `--quick` (about a minute): 20
 documents, 4 requests per level, the transformers engine (vLLM takes ~40 s to start on 2 cores), and both servers
 started at once (each idle while the other is measured).
@@ -186,22 +189,63 @@ def completion_tokens(body: dict) -> int:
     return body["usage"]["completion_tokens"] if "usage" in body else body["completion_tokens"]
 
 
+def answer_of(body: dict) -> dict:
+    """What a request was answered with: the text, its token count and the documents of the chunks it cited."""
+    text = body["choices"][0]["message"]["content"] if "choices" in body else body["answer"]
+    return {"text": text, "tokens": completion_tokens(body),
+            "documents": sorted({Path(source["document"]).name for source in body["sources"]})}
+
+
+def compare_answers(ours: dict[str, dict], theirs: dict[str, dict], relevant: dict[str, set[int]]) -> dict:
+    """How alike the two servers' answers to the same questions are. The chunks differ (each side chunks the
+    corpus its own way), so sources are compared by document: the mean Jaccard overlap of the cited documents, and
+    for the questions with a document judged relevant in the corpus (`relevant`: question -> Cranfield doc ids),
+    the share whose cited documents include one, on each side."""
+    questions = [question for question in ours if question in theirs]
+    judged = [question for question in questions if relevant.get(question)]
+
+    def share(same) -> float:
+        return round(sum(map(same, questions)) / max(len(questions), 1), 3)
+
+    def cites_relevant(answers: dict[str, dict]) -> float:
+        cited = {q: {int(Path(document).stem) for document in answers[q]["documents"]} for q in judged}
+        return round(sum(bool(relevant[q] & cited[q]) for q in judged) / max(len(judged), 1), 3)
+
+    def jaccard(question: str) -> float:
+        a, b = set(ours[question]["documents"]), set(theirs[question]["documents"])
+        return len(a & b) / max(len(a | b), 1)
+
+    return {"questions": len(questions),
+            "sameCompletionTokens": share(lambda q: ours[q]["tokens"] == theirs[q]["tokens"]),
+            "identicalText": share(lambda q: ours[q]["text"] == theirs[q]["text"]),
+            "sourceDocumentOverlap": round(statistics.mean(map(jaccard, questions)), 3) if questions else None,
+            "sameDocuments": share(lambda q: ours[q]["documents"] == theirs[q]["documents"]),
+            "judgedQuestions": len(judged),
+            "ragtuneCitesRelevant": cites_relevant(ours), "baselineCitesRelevant": cites_relevant(theirs),
+            # top-k chunks may come from fewer documents: several chunks of one
+            "ragtuneDocumentsCited": round(statistics.mean(len(ours[q]["documents"]) for q in questions), 2),
+            "baselineDocumentsCited": round(statistics.mean(len(theirs[q]["documents"]) for q in questions), 2)}
+
+
 async def run_level(port: int, build, questions: list[str], clients: int) -> dict:
     import httpx
 
     queue = list(questions)
     samples: list[tuple[float, float, int]] = []
+    answers: dict[str, dict] = {}
     parts: list[tuple[float, float, float]] = []  # ragtune's own timings: (latency - total, retrieval, rest)
 
     async def worker(http):
         while queue:
-            path, body = build(queue.pop(0))
+            question = queue.pop(0)
+            path, body = build(question)
             started = time.perf_counter()
             response = await http.post(path, json=body)
             elapsed = (time.perf_counter() - started) * 1000
             response.raise_for_status()
             answer = response.json()
             samples.append((elapsed, generation_ms(answer), completion_tokens(answer)))
+            answers[question] = answer_of(answer)
             if "timings" in answer:
                 timings = answer["timings"]
                 parts.append((elapsed - timings["total_ms"], timings["retrieval_ms"],
@@ -231,7 +275,8 @@ async def run_level(port: int, build, questions: list[str], clients: int) -> dic
                 "retrieval": round(percentile([x[1] for x in parts], 0.5), 2),
                 # ragtune: the rest inside the replica (parsing, routing, context packing and the prompt, the
                 # response); the baseline: everything but retrieval and generation (HTTP included)
-                "replica" if ragtune else "rest": round(percentile([x[2] for x in parts], 0.5), 2)}}
+                "replica" if ragtune else "rest": round(percentile([x[2] for x in parts], 0.5), 2)},
+            "answers": answers}
 
 
 def measure(port: int, build, question_sets: dict[int, list[str]], warmup: list[str]) -> dict:
@@ -240,6 +285,16 @@ def measure(port: int, build, question_sets: dict[int, list[str]], warmup: list[
               for clients in LEVELS}
     levels["warm_c1"] = asyncio.run(run_level(port, build, question_sets[1], 1))
     return levels
+
+
+def answers_by_question(levels: dict) -> dict[str, dict]:
+    """Every level's answers (taken out of the levels: the report keeps the comparison, not the texts)."""
+    found: dict[str, dict] = {}
+    for name, level in levels.items():
+        answers = level.pop("answers")
+        if name != "warm_c1":
+            found.update(answers)
+    return found
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -280,7 +335,7 @@ def main() -> int:
     started = time.monotonic()
     try:
         corpus = work / "corpus"
-        fx.write_cranfield_corpus(corpus, documents)
+        corpus_docs = fx.write_cranfield_corpus(corpus, documents)
         model = fx.tiny_model_path()
         embedding_path = fx.embedding_model_path()
         index = fx.build_index(work / "store", corpus)
@@ -328,6 +383,10 @@ def main() -> int:
             ragtune.stop()
 
         ours, theirs = results["ragtune"], results["baseline"]
+        judgments, in_corpus = cranfield.load_judgments(fx.CRANFIELD), {doc.id for doc in corpus_docs}
+        relevant = {question: set(judgments.get(position, {})) & in_corpus
+                    for position, question in enumerate(queries, start=1)}
+        answers = compare_answers(answers_by_question(ours), answers_by_question(theirs), relevant)
         ratio = ours["c1"]["outsideGenerationP50Ms"] / max(theirs["c1"]["outsideGenerationP50Ms"], 1e-9)
         warm_ratio = ours["warm_c1"]["outsideGenerationP50Ms"] / max(theirs["warm_c1"]["outsideGenerationP50Ms"], 1e-9)
         targets = [
@@ -348,7 +407,8 @@ def main() -> int:
             "chunks": index["chunks"], "requestsPerLevel": per_level, "maxTokens": MAX_TOKENS, "topK": TOP_K,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "loadAverage1m": round(os.getloadavg()[0], 2)},
-            "startupSeconds": startup, "startupsOverlapped": args.quick, "results": results, "targets": targets,
+            "startupSeconds": startup, "startupsOverlapped": args.quick, "results": results, "answers": answers,
+            "targets": targets,
             "seconds": round(time.monotonic() - started, 1),
         }
     finally:
