@@ -117,7 +117,8 @@ def baseline_server(corpus: Path, model: Path, embedding_path: str, work: Path, 
         messages = [{"role": "system", "content": DEFAULT_RAG_SYSTEM_PROMPT},
                     {"role": "user", "content": DEFAULT_TEMPLATE.format(context=context, question=body["question"])}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][-(MAX_MODEL_LEN - MAX_TOKENS):]
+        full = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = full[-(MAX_MODEL_LEN - MAX_TOKENS):]
         started = time.perf_counter()
         with torch.inference_mode():
             output = llm.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
@@ -126,7 +127,8 @@ def baseline_server(corpus: Path, model: Path, embedding_path: str, work: Path, 
         answer = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
         return {"answer": answer, "completion_tokens": int(output.shape[1] - len(ids)),
                 "sources": [{"document": node.node.metadata["path"], "score": node.score} for node in nodes],
-                "generation_ms": generation * 1000, "retrieval_ms": retrieval * 1000}
+                "generation_ms": generation * 1000, "retrieval_ms": retrieval * 1000,
+                "prompt_cut": len(full) > len(ids)}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -192,7 +194,8 @@ def completion_tokens(body: dict) -> int:
 def answer_of(body: dict) -> dict:
     """What a request was answered with: the text, its token count and the documents of the chunks it cited."""
     text = body["choices"][0]["message"]["content"] if "choices" in body else body["answer"]
-    return {"text": text, "tokens": completion_tokens(body),
+    return {"text": text, "tokens": completion_tokens(body), "chunks": len(body["sources"]),
+            "cut": body.get("prompt_cut", False),
             "documents": sorted({Path(source["document"]).name for source in body["sources"]})}
 
 
@@ -211,6 +214,9 @@ def compare_answers(ours: dict[str, dict], theirs: dict[str, dict], relevant: di
         cited = {q: {int(Path(document).stem) for document in answers[q]["documents"]} for q in judged}
         return round(sum(bool(relevant[q] & cited[q]) for q in judged) / max(len(judged), 1), 3)
 
+    def mean_of(answers: dict[str, dict], count) -> float:
+        return round(statistics.mean(count(answers[q]) for q in questions), 2) if questions else 0.0
+
     def jaccard(question: str) -> float:
         a, b = set(ours[question]["documents"]), set(theirs[question]["documents"])
         return len(a & b) / max(len(a | b), 1)
@@ -222,9 +228,14 @@ def compare_answers(ours: dict[str, dict], theirs: dict[str, dict], relevant: di
             "sameDocuments": share(lambda q: ours[q]["documents"] == theirs[q]["documents"]),
             "judgedQuestions": len(judged),
             "ragtuneCitesRelevant": cites_relevant(ours), "baselineCitesRelevant": cites_relevant(theirs),
-            # top-k chunks may come from fewer documents: several chunks of one
-            "ragtuneDocumentsCited": round(statistics.mean(len(ours[q]["documents"]) for q in questions), 2),
-            "baselineDocumentsCited": round(statistics.mean(len(theirs[q]["documents"]) for q in questions), 2)}
+            # ragtune cites the chunks its prompt holds (packed to the window, best first); the baseline cites
+            # every chunk it retrieved, though its prompt is cut to the window from the left
+            "ragtuneChunksCited": mean_of(ours, lambda a: a["chunks"]),
+            "baselineChunksCited": mean_of(theirs, lambda a: a["chunks"]),
+            "ragtuneDocumentsCited": mean_of(ours, lambda a: len(a["documents"])),
+            "baselineDocumentsCited": mean_of(theirs, lambda a: len(a["documents"])),
+            # the share of the baseline's prompts that lost their beginning (system prompt, best chunks) to the cut
+            "baselinePromptsCut": mean_of(theirs, lambda a: a["cut"])}
 
 
 async def run_level(port: int, build, questions: list[str], clients: int) -> dict:
