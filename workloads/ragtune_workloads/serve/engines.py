@@ -305,8 +305,8 @@ def vllm_process_env(settings: EngineSettings, cuda_in_use: bool) -> dict[str, s
         # cores: engine processes 0.23 instead of 1.5 cores busy, 15-20 % more requests a second.
         return {"VLLM_CPU_KVCACHE_SPACE": DEFAULT_CPU_KV_CACHE_GIB, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     if cuda_in_use:
-        # CUDA is already in use in this process (another model on the GPU, the query embedder in the same
-        # replica): a forked engine core cannot use it again and fails to start ("Cannot re-initialize CUDA in
+        # CUDA is already in use in this process (something put on the GPU before the engine started, as in the
+        # GPU tests): a forked engine core cannot use it again and fails to start ("Cannot re-initialize CUDA in
         # forked subprocess", seen on an H200 with vLLM 0.25), so the engine core is spawned instead.
         return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
     return {}
