@@ -204,6 +204,8 @@ def compare_answers(ours: dict[str, dict], theirs: dict[str, dict], relevant: di
     corpus its own way), so sources are compared by document: the mean Jaccard overlap of the cited documents, and
     for the questions with a document judged relevant in the corpus (`relevant`: question -> Cranfield doc ids),
     the share whose cited documents include one, on each side."""
+    from ragtune_workloads.index.cranfield import unique_docs
+
     questions = [question for question in ours if question in theirs]
     judged = [question for question in questions if relevant.get(question)]
 
@@ -211,7 +213,7 @@ def compare_answers(ours: dict[str, dict], theirs: dict[str, dict], relevant: di
         return round(sum(map(same, questions)) / max(len(questions), 1), 3)
 
     def cites_relevant(answers: dict[str, dict]) -> float:
-        cited = {q: {int(Path(document).stem) for document in answers[q]["documents"]} for q in judged}
+        cited = {q: set(unique_docs(answers[q]["documents"])) for q in judged}
         return round(sum(bool(relevant[q] & cited[q]) for q in judged) / max(len(judged), 1), 3)
 
     def mean_of(answers: dict[str, dict], count) -> float:
