@@ -18,8 +18,10 @@ and 16 clients, each level with queries no earlier level asked (ragtune's caches
 concurrency-1 queries once more ("warm", where ragtune answers retrieval from its per-version cache and the baseline
 has nothing to reuse).
 The two servers' answers to the same (cold) questions are compared in `answers`: the share with the same number of
-completion tokens (the same generation work), the share of identical texts, and how far the cited documents agree
-(each side chunks the corpus its own way, so chunks cannot be compared one for one).
+completion tokens (the same generation work), the share of identical texts, how far the cited documents agree
+(each side chunks the corpus its own way, so chunks cannot be compared one for one) and how often they include one
+judged relevant, the chunks each side cites (ragtune: those its prompt holds; the baseline: all it retrieved), and
+the share of the baseline's prompts cut to the window from the left.
 Servers are measured one after the other, never together. Prints one JSON object; `--quick` (about a minute): 20
 documents, 4 requests per level, the transformers engine (vLLM takes ~40 s to start on 2 cores), and both servers
 started at once (each idle while the other is measured).
