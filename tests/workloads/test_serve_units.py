@@ -146,6 +146,40 @@ def test_the_tokenizers_fast_path_and_its_wrapper_pack_alike(tokenizer, context_
     assert 0 < len(by_fast.sources) < len(hits)
 
 
+def test_chunks_that_surely_fit_are_not_counted_and_a_wrong_guess_packs_as_counting_does(tokenizer):
+    hits = [hit(n, 1 - n / 10, words=15) for n in range(1, 5)]  # ~210 tokens each
+    messages = [{"role": "user", "content": "what is the pressure?"}]
+
+    def frame(calls, context_length, count):
+        return prompts.grounded_frame(calls, DEFAULT_RAG_SYSTEM_PROMPT, DEFAULT_TEMPLATE, messages,
+                                      "what is the pressure?", 32, context_length, count)
+
+    calls = TokenizerCalls(tokenizer)
+    counts = prompts.TokenCounts(calls)
+    first = frame(calls, 2048, counts).pack(hits)  # nothing counted yet: no rate to estimate from
+    assert len(hits) in calls.calls and counts.densest > 0
+    calls.calls.clear()
+    others = [hit(n, 1 - n / 10, words=15) for n in range(5, 9)]
+    roomy = frame(calls, 2048, counts).pack(others)
+    assert len(others) not in calls.calls  # encoded once, as a whole prompt, and never counted chunk by chunk
+    assert [h["id"] for h in roomy.sources] == ["c5", "c6", "c7", "c8"]
+    assert roomy.token_ids == prompts.encode_messages(tokenizer, roomy.messages)
+    assert [h["id"] for h in first.sources] == ["c1", "c2", "c3", "c4"]
+    # a window too small for the rate: counted as before
+    more = [hit(n, 1 - n / 100, words=15) for n in range(9, 13)]
+    tight = frame(calls, 400, counts).pack(more)
+    assert len(more) in calls.calls and 0 < len(tight.sources) < len(more)
+    # an estimate that is wrong (says everything fits in a window that holds two): the exact encoding refuses it
+    # and the chunks are packed as counting packs them
+    for context_length in (420, 560, 700):
+        wrong = frame(tokenizer, context_length, counts)
+        wrong.surely_fit = lambda texts, room: True
+        counted = frame(tokenizer, context_length, prompts.TokenCounts(tokenizer)).pack(hits)
+        guessed = wrong.pack(hits)
+        assert [h["id"] for h in guessed.sources] == [h["id"] for h in counted.sources]
+        assert guessed.token_ids == counted.token_ids and len(guessed.token_ids) + 32 <= context_length
+
+
 def test_chunk_token_counts_are_remembered_and_the_oldest_forgotten_first(tokenizer):
     class Counting:  # the tokenizer, with a count of the texts its backend tokenised
         def __init__(self):

@@ -18,6 +18,7 @@ from ragtune.api.hybridendpoint import DEFAULT_HYBRID_SYSTEM_PROMPT, DEFAULT_RAG
 PLACEHOLDER = re.compile(r"\{(context|question)\}")
 CHUNK_SEPARATOR = "\n\n"
 ESTIMATE_MARGIN = 16  # tokens: an estimated frame this close to the limit is measured exactly
+DENSITY_MARGIN = 1.1  # chunks whose characters at the densest token rate seen, +10 %, fit are tried all at once
 DEFAULT_SYSTEM_PROMPTS = {"rag": DEFAULT_RAG_SYSTEM_PROMPT, "hybrid": DEFAULT_HYBRID_SYSTEM_PROMPT}
 
 
@@ -104,17 +105,28 @@ def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
 class TokenCounts:
     """Token counts of texts, remembered (least recently used first out): the same chunks come back for many
     questions, and counting a chunk costs about a microsecond a token. Keyed by the text itself, so a chunk
-    whose text changed in a new index version is counted again."""
+    whose text changed in a new index version is counted again.
+
+    It also learns the tokenizer's densest rate, the most tokens per character among the texts it counted, from
+    which `surely_fit` tells, without tokenising, that texts fit a number of tokens."""
 
     def __init__(self, tokenizer: Any, max_entries: int = 8192):
         self.tokenizer = tokenizer
         self.max_entries = max_entries
         self.counts: OrderedDict[str, int] = OrderedDict()
+        self.densest = 0.0
+
+    def surely_fit(self, texts: Sequence[str], tokens: int) -> bool:
+        """True when `texts` at the densest rate counted so far, with a margin, take at most `tokens`; False
+        before anything was counted. An estimate: `Frame.pack` still encodes the prompt exactly."""
+        return self.densest > 0 and sum(map(len, texts)) * self.densest * DENSITY_MARGIN <= tokens
 
     def __call__(self, texts: Sequence[str]) -> list[int]:
         missing = [text for text in dict.fromkeys(texts) if text not in self.counts]
         for text, count in zip(missing, token_counts(self.tokenizer, missing)):
             self.counts[text] = count
+            if text:
+                self.densest = max(self.densest, count / len(text))
         result = []
         for text in texts:
             self.counts.move_to_end(text)
@@ -192,19 +204,29 @@ class Frame:
     max_tokens: int
     context_length: int
     count: Callable[[Sequence[str]], list[int]]  # token counts of texts (TokenCounts, or token_counts)
+    # whether texts surely fit a number of tokens, without counting them (TokenCounts.surely_fit), or None
+    surely_fit: Callable[[Sequence[str], int], bool] | None = None
 
     def pack(self, hits: Sequence[dict[str, Any]]) -> Prompt:
         """The prompt with as many of `hits` (best first) as fit; at least one must fit.
 
-        Each chunk's cost is counted once, on its own; rendering the whole prompt for every candidate would cost
-        a chat-template render per chunk. The final render is exact: if merges across chunk boundaries make it a
-        token or two longer than counted, the lowest-ranked chunk goes. (Tokenising the prompt with every chunk
-        first, in case it fits, cost more than it saved: with a small context window it seldom fits, and the
-        counts of chunks seen before are remembered.)"""
+        When `surely_fit` says every chunk fits (a window roomy for the retrieved context), the prompt with all of
+        them is encoded at once and, if it fits indeed, used: nothing is counted. Otherwise each chunk's cost is
+        counted once, on its own; rendering the whole prompt for every candidate would cost a chat-template render
+        per chunk. The final render is exact: if merges across chunk boundaries make it a token or two longer than
+        counted, the lowest-ranked chunk goes. (Tokenising the prompt with every chunk first without that estimate
+        cost more than it saved: with a small context window it seldom fits, and the counts of chunks seen before
+        are remembered.)"""
         room = self.budget - self.empty_tokens
         # A chunk's number in the prompt depends on how many went before it; the cost of the number's digits is
         # counted as if it kept its rank (a chunk skipped before it changes the number by one digit at most).
-        costs = self.count([CHUNK_SEPARATOR + format_chunk(rank, hit) for rank, hit in enumerate(hits, 1)])
+        texts = [CHUNK_SEPARATOR + format_chunk(rank, hit) for rank, hit in enumerate(hits, 1)]
+        if hits and self.surely_fit is not None and self.surely_fit(texts, room):
+            final = self.build(list(hits))
+            ids = encode_messages(self.tokenizer, final)
+            if len(ids) <= self.budget:
+                return Prompt(ids, final, list(hits))
+        costs = self.count(texts)
         chosen: list[dict[str, Any]] = []
         for hit, cost in zip(hits, costs):
             if cost <= room:
@@ -225,7 +247,8 @@ def grounded_frame(tokenizer: Any, system: str | None, template: str, messages: 
                    count: Callable[[Sequence[str]], list[int]] | None = None,
                    sizes: FrameSizes | None = None) -> Frame:
     """The frame of a grounded prompt; PromptTooLongError when not even the prompt without context fits.
-    `count`: how chunks are counted (default: tokenised every time); `sizes`: where the frame's own size is
+    `count`: how chunks are counted (default: tokenised every time; a TokenCounts also lets `pack` skip counting
+    when everything surely fits); `sizes`: where the frame's own size is
     estimated from (default: rendered and tokenised exactly)."""
 
     def build(chosen: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -239,7 +262,8 @@ def grounded_frame(tokenizer: Any, system: str | None, template: str, messages: 
         if empty_tokens > budget:
             raise PromptTooLongError(empty_tokens, max_tokens, context_length)
     return Frame(tokenizer, build, empty_tokens, budget, max_tokens, context_length,
-                 count or (lambda texts: token_counts(tokenizer, texts)))
+                 count or (lambda texts: token_counts(tokenizer, texts)),
+                 count.surely_fit if isinstance(count, TokenCounts) else None)
 
 
 def grounded_prompt(tokenizer: Any, system: str | None, template: str, messages: list[dict[str, str]],
