@@ -22,11 +22,6 @@ log = logging.getLogger(__name__)
 
 # vLLM's CPU backend reserves this much KV cache (GiB) unless VLLM_CPU_KVCACHE_SPACE says otherwise.
 DEFAULT_CPU_KV_CACHE_GIB = "1"
-# On a CPU, vLLM's engine-core process runs at the lowest CPU priority, below the request path (HTTP, retrieval,
-# prompts: Ray runs its workers' threads at niceness 0 and 15): a new request's milliseconds of work are not queued
-# behind the model's batch steps (tens of milliseconds each). Niceness only weighs threads against each other
-# inside the pod's own CPU share.
-CPU_ENGINE_NICENESS = int(os.environ.get("RAGTUNE_CPU_ENGINE_NICENESS", "19"))
 # vLLM refuses LoRA ranks it has no kernels for; max_lora_rank is rounded up to the next one.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -317,34 +312,6 @@ def vllm_process_env(settings: EngineSettings, cuda_in_use: bool) -> dict[str, s
     return {}
 
 
-def child_pids() -> set[int]:
-    import psutil
-
-    return {child.pid for child in psutil.Process().children(recursive=True)}
-
-
-def lower_priority(pids: set[int], niceness: int) -> int:
-    """Raises the niceness of every thread of the processes `pids` to at least `niceness` (Linux schedules threads,
-    not processes: each has its own); returns how many threads were changed."""
-    import psutil
-
-    changed = 0
-    for pid in pids:
-        try:
-            child = psutil.Process(pid)
-            threads = child.threads()
-        except psutil.Error:
-            continue
-        for thread in threads:
-            try:
-                if os.getpriority(os.PRIO_PROCESS, thread.id) < niceness:
-                    os.setpriority(os.PRIO_PROCESS, thread.id, niceness)
-                    changed += 1
-            except OSError:  # the thread ended meanwhile
-                continue
-    return changed
-
-
 class VllmEngine(Engine):
     """vLLM's async engine; concurrent requests are batched by vLLM itself."""
 
@@ -359,13 +326,10 @@ class VllmEngine(Engine):
 
         self._sampling_params = SamplingParams
         self.settings = settings
-        before = child_pids()
         try:
             self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**vllm_engine_args(settings)))
         except Exception as exc:
             raise EngineError(f"vLLM could not load {settings.model}: {type(exc).__name__}: {exc}") from exc
-        if not settings.gpus and CPU_ENGINE_NICENESS:
-            lower_priority(child_pids() - before, CPU_ENGINE_NICENESS)  # the processes the engine started
         self.lora = None
         if settings.adapter_path:
             path = local_adapter_path(settings.adapter_path)
