@@ -293,6 +293,23 @@ def test_onnx_runs_a_few_texts_directly_with_the_same_vectors(model_path, tmp_pa
     assert ((direct * through_st).sum(axis=1) > 0.99999).all()
 
 
+def test_onnx_worker_threads_take_no_cpu_once_a_call_returns(model_path, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
+    import time
+
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
+    onnx = Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx", threads=1, wide_threads=2)
+    assert onnx.wide_threads == 2  # a session with a worker thread besides the caller's
+    busy = []
+    for query in ["shock waves on a blunt body", "heat transfer at mach 3", "lift of a slender wing"] * 2:
+        onnx.embed_queries([query], wide=True)
+        before = time.process_time()
+        time.sleep(0.05)
+        busy.append(time.process_time() - before)
+    # a worker left spinning after the call would take ~35 ms of a core in those 50 ms
+    assert min(busy) < 0.01, busy
+
+
 def test_one_query_is_tokenised_as_the_tokenizers_own_call_would(model_path, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
     from ragtune_workloads.serve.cache import VersionedCache

@@ -142,8 +142,11 @@ class OrtRunner:
 
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle worker threads would otherwise spin after each call and take CPU from the rest of the process.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Worker threads spin between the operators of a call (a query's ~100 small ones would otherwise each wait
+        # for a sleeping thread to wake: 6.6 -> 5.5 ms on two threads) and stop the moment the call returns, so
+        # they take no CPU from the rest of the process between calls (left spinning: ~35 ms of a core after each).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if threads:
             options.intra_op_num_threads = threads
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
