@@ -24,6 +24,12 @@ from ragtune_workloads.index.pipeline import embedding_text, run_index
 from ragtune_workloads.index.retrieval import ModelMismatchError, Retriever
 from ragtune_workloads.index.store import LITE_INDEX_TYPES
 
+
+def load_onnx(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
 # Measured on the 300-document subset (114 queries, grades 1-4 relevant): recall@10 0.633, nDCG@10 0.500 with
 # all-MiniLM-L6-v2, 256-token chunks (254 fit its window), AUTOINDEX. Pinned a little lower so index build noise
 # cannot flip it.
@@ -263,6 +269,9 @@ def test_onnx_backend_gives_the_same_vectors_and_answers(first_run, embedder, mo
     monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))  # exported afresh, not from the session
     config, _, _ = first_run
     onnx = Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx")
+    # onnxruntime runs the fused graph: attention in one operator per layer
+    graph = onnx._direct.runner.path
+    assert "-fused-" in graph.name and "Attention" in {node.op_type for node in load_onnx(graph).graph.node}
     torch = Embedder(ModelRef(MODEL_NAME, model_path), backend="torch") if embedder.backend == "onnx" \
         else embedder
     texts = ["shock waves on a blunt body", "heat transfer " * 80, "lift"]
@@ -275,11 +284,32 @@ def test_onnx_backend_gives_the_same_vectors_and_answers(first_run, embedder, mo
             assert [h.id for h in by_onnx.search(query, k=5)] == [h.id for h in by_torch.search(query, k=5)]
 
 
+def test_a_model_the_fused_graph_gets_wrong_runs_the_plain_export(model_path, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
+    from ragtune_workloads.index.embedding import load_sentence_transformer, use_exported_runtime
+
+    cache = tmp_path / "onnx"
+    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(cache))
+    ref = ModelRef(MODEL_NAME, model_path)
+    model = load_sentence_transformer(ref)
+    # Padded on the left, a batch breaks the fused attention's assumption that padding comes last.
+    model.tokenizer.padding_side = "left"
+    use_exported_runtime(model, ref, "onnx")
+    graph = model._ragtune_runner[0].path
+    assert "-fused-" not in graph.name and "Attention" not in {n.op_type for n in load_onnx(graph).graph.node}
+    [refused] = cache.glob("*.refused")
+    assert "left-padded" in refused.read_text()
+    texts = ["lift", "shock waves on a blunt body at mach 3"]
+    reference = Embedder(ref, backend="torch")
+    model.tokenizer.padding_side = reference.tokenizer.padding_side = "left"
+    vectors = Embedder(ref, backend="onnx", model=model).embed_documents(texts)
+    assert np.allclose(vectors, reference.embed_documents(texts), atol=1e-5)
+
+
 def test_onnx_runs_a_few_texts_directly_with_the_same_vectors(model_path, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
     from ragtune_workloads.index import embedding
 
-    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
     onnx = Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx")
     texts = ["  Shock waves on a Blunt body ", "heat transfer " * 300, "lift"]  # spaces, truncation, padding
     calls = []
@@ -297,7 +327,6 @@ def test_onnx_worker_threads_take_no_cpu_once_a_call_returns(model_path, tmp_pat
     pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
     import time
 
-    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
     onnx = Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx", threads=1, wide_threads=2)
     assert onnx.wide_threads == 2  # a session with a worker thread besides the caller's
     busy = []
@@ -315,7 +344,6 @@ def test_one_query_is_tokenised_as_the_tokenizers_own_call_would(model_path, tmp
     from ragtune_workloads.serve.cache import VersionedCache
     from ragtune_workloads.serve.retriever import CachingEmbedder
 
-    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
     onnx = Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx")
     caching = CachingEmbedder(onnx, VersionedCache(0))
     assert onnx._single is not None and caching.plain_tokenizer is not None
@@ -336,7 +364,6 @@ def test_an_endpoint_embeds_queries_with_onnx_and_falls_back_to_torch(model_path
 
     target = RetrievalTarget(store_uri=str(tmp_path), collection="c", embedding_model=MODEL_NAME,
                              model_path=model_path, query_backend="onnx", query_prefix="q: ")
-    monkeypatch.setenv("RAGTUNE_ONNX_CACHE", str(tmp_path / "onnx"))
     chosen = query_embedder(target)
     assert (chosen.backend, chosen.query_prefix) == ("onnx", "q: ")
     assert chosen._direct.runner.session.get_session_options().intra_op_num_threads == 1  # requests run side by side

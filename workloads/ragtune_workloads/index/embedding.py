@@ -6,8 +6,9 @@ padding tokens); results come back in the caller's order.
 Backends (spec.embedding.backend): `torch` runs the model as loaded. `onnx` and `openvino` export the model's
 transformer once with torch.onnx (cached by weights) and run the export in onnxruntime or the OpenVINO runtime;
 tokenisation, pooling and normalisation stay in sentence-transformers, or, for a few texts (a query), in a direct
-path here. (sentence-transformers' own ONNX and OpenVINO backends need optimum-onnx / optimum-intel, which cap
-transformers below the version this image ships.)
+path here. At fp32, onnxruntime runs the export fused by its transformer optimizer where that gives the model's own
+outputs (`fused_onnx_export`). (sentence-transformers' own ONNX and OpenVINO backends need optimum-onnx /
+optimum-intel, which cap transformers below the version this image ships.)
 
 Precision (spec.embedding.precision), never changed behind the user's back: `fp32` as the model ships (OpenVINO,
 which would pick bf16 by itself on AMX CPUs, is pinned to f32); `bf16` runs torch under bfloat16 autocast (matrix
@@ -85,6 +86,104 @@ def export_onnx(transformer, input_names: list[str], path: Path) -> None:
     os.replace(partial, path)
 
 
+# A fused graph is used only where it gives the model's own hidden states within this (fp32 rounding: ~2e-6 seen).
+FUSED_TOLERANCE = 1e-4
+
+
+def fused_onnx_export(model, plain: Path, input_names: list[str]) -> Path:
+    """The export for onnxruntime at fp32: the transformer exported with eager attention (the pattern onnxruntime's
+    transformer optimizer recognises) and fused by it — attention, embeddings + LayerNorm, bias + GELU, residual +
+    LayerNorm: ~560 nodes become ~50, and a short query waits for far fewer operator hand-offs (a query on two
+    threads ~15-20 % faster). Used only when attention fused and `fused_mismatch` finds the fused graph gives the
+    model's own hidden states; otherwise (another architecture, another padding side) the plain export `plain`,
+    and the reason is remembered beside it so the attempt is not repeated at every start. Cached beside `plain`
+    by onnxruntime version (the fusions are onnxruntime's)."""
+    import onnxruntime
+
+    fused = plain.with_name(f"{plain.stem}-fused-ort{onnxruntime.__version__}.onnx")
+    refused = fused.with_suffix(".refused")
+    if fused.exists():
+        return fused
+    if refused.exists():
+        return plain
+    partial = fused.with_suffix(f".{os.getpid()}.partial")
+    try:
+        reason = build_fused_export(model[0].model, input_names, model.tokenizer, partial)
+    except Exception as exc:  # the optimizer fails in many ways on graphs it does not know
+        reason = f"{type(exc).__name__}: {exc}"
+    if reason:
+        partial.unlink(missing_ok=True)
+        log.info("embedding model runs its plain ONNX export: %s", reason)
+        try:
+            refused.write_text(reason + "\n")
+        except OSError:  # a read-only cache: tried again at the next start
+            pass
+        return plain
+    os.replace(partial, fused)
+    return fused
+
+
+def build_fused_export(transformer, input_names: list[str], tokenizer, target: Path) -> str | None:
+    """Writes the fused graph to `target`; the reason when it is not to be used, else None."""
+    from onnxruntime.transformers import optimizer
+
+    config = transformer.config
+    heads, hidden = getattr(config, "num_attention_heads", 0), getattr(config, "hidden_size", 0)
+    if not heads or not hidden:
+        return f"{config.model_type}: no num_attention_heads / hidden_size in its config"
+    attention = config._attn_implementation
+    eager = target.with_suffix(".eager.onnx")
+    try:
+        transformer.set_attn_implementation("eager")
+        export_onnx(transformer, input_names, eager)
+    finally:
+        transformer.set_attn_implementation(attention)
+    try:
+        optimized = optimizer.optimize_model(str(eager), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                             opt_level=1)
+    finally:
+        eager.unlink(missing_ok=True)
+    if not optimized.get_fused_operator_statistics().get("Attention"):
+        return f"{config.model_type}: onnxruntime did not fuse its attention"
+    optimized.save_model_to_file(str(target))
+    return fused_mismatch(target, transformer, input_names, tokenizer)
+
+
+def fused_mismatch(path: Path, transformer, input_names: list[str], tokenizer) -> str | None:
+    """None when the graph at `path` gives `transformer`'s last hidden states at every real token of a padded
+    batch (padded as `tokenizer` pads) and of one unpadded text; else how far apart they are."""
+    import onnxruntime
+    import torch
+
+    side = getattr(tokenizer, "padding_side", "right")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rng = np.random.default_rng(0)
+    vocab = min(int(transformer.config.vocab_size), len(tokenizer))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for lengths in ((5, 12, 9), (9,)):
+        width = max(lengths)
+        ids = np.full((len(lengths), width), pad, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, length in enumerate(lengths):
+            span = slice(0, length) if side == "right" else slice(width - length, width)
+            ids[row, span] = rng.integers(min(1000, vocab - 1), vocab, length)
+            mask[row, span] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        feeds = {name: feeds[name] for name in input_names}
+        with torch.no_grad():
+            expected = transformer(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+        got = session.run(["last_hidden_state"], feeds)[0]
+        real = mask.astype(bool)
+        worst = max(worst, float(np.abs(got[real] - expected[real]).max()))
+    if worst > FUSED_TOLERANCE:
+        return (f"{transformer.config.model_type}: the fused graph's hidden states differ from the model's by up to "
+                f"{worst:.2g} ({side}-padded batch)")
+    return None
+
+
 def quantize_int8(path: Path) -> Path:
     """The fp32 export with its weights in int8 (cached beside it)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -133,6 +232,7 @@ class OrtRunner:
     (see Embedder)."""
 
     def __init__(self, path: Path, threads: int | None, wide_threads: int | None = None):
+        self.path = path
         self.session = self._session(path, threads)
         self.wide = self._session(path, wide_threads) if wide_threads else self.session
 
@@ -203,7 +303,8 @@ def use_exported_runtime(model, ref: ModelRef, backend: str = "onnx", precision:
     if backend == "openvino":
         runner = OpenVinoRunner(path, precision, threads, wide_threads)
     else:
-        runner = OrtRunner(quantize_int8(path) if precision == "int8" else path, threads, wide_threads)
+        graph = quantize_int8(path) if precision == "int8" else fused_onnx_export(model, path, input_names)
+        runner = OrtRunner(graph, threads, wide_threads)
 
     class ExportedTransformer(torch.nn.Module):
         def __init__(self):
