@@ -46,7 +46,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -73,12 +72,6 @@ TARGET_RATIO = 0.5
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------ the baseline server
@@ -386,7 +379,9 @@ def main() -> int:
                "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": str(work / "ray"),
                "RAGTUNE_TERMINATION_LOG": str(work / "termination-log")}
         results, startup = {}, {}
-        baseline_port, ragtune_port = free_port(), free_port()
+        baseline_port = ragtune_port = fx.free_port()
+        while ragtune_port == baseline_port:  # --quick runs both at once
+            ragtune_port = fx.free_port()
         config = fx.serve_config(work / "serve.json", name="bench", mode="rag", model=model, adapter=None,
                                  store=work / "store", engine=engine, top_k=TOP_K, score_threshold=None,
                                  max_model_len=MAX_MODEL_LEN, max_tokens=MAX_TOKENS, topology=args.topology,
