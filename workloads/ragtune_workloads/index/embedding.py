@@ -23,8 +23,11 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -125,8 +128,6 @@ def fused_onnx_export(model, plain: Path, input_names: list[str]) -> Path:
 
 def build_fused_export(transformer, input_names: list[str], tokenizer, target: Path) -> str | None:
     """Writes the fused graph to `target`; the reason when it is not to be used, else None."""
-    from onnxruntime.transformers import optimizer
-
     config = transformer.config
     heads, hidden = getattr(config, "num_attention_heads", 0), getattr(config, "hidden_size", 0)
     if not heads or not hidden:
@@ -139,14 +140,35 @@ def build_fused_export(transformer, input_names: list[str], tokenizer, target: P
     finally:
         transformer.set_attn_implementation(attention)
     try:
-        optimized = optimizer.optimize_model(str(eager), model_type="bert", num_heads=heads, hidden_size=hidden,
-                                             opt_level=1)
+        fused = optimize_bert_graph(eager, target, heads, hidden)
     finally:
         eager.unlink(missing_ok=True)
-    if not optimized.get_fused_operator_statistics().get("Attention"):
+    if not fused.get("Attention"):
+        target.unlink(missing_ok=True)
         return f"{config.model_type}: onnxruntime did not fuse its attention"
-    optimized.save_model_to_file(str(target))
     return fused_mismatch(target, transformer, input_names, tokenizer)
+
+
+# onnxruntime's transformer optimizer, run in a child process: importing it adds its own directory to sys.path
+# (top-level modules named `constants`, `onnx_model`, ...) and sympy, ~35 MB a process keeps for its lifetime.
+OPTIMIZE_BERT_GRAPH = """
+import json, sys
+from onnxruntime.transformers import optimizer
+model = optimizer.optimize_model(sys.argv[1], model_type="bert", num_heads=int(sys.argv[3]),
+                                 hidden_size=int(sys.argv[4]), opt_level=1)
+model.save_model_to_file(sys.argv[2])
+print(json.dumps(model.get_fused_operator_statistics()))
+"""
+
+
+def optimize_bert_graph(source: Path, target: Path, heads: int, hidden: int) -> dict[str, int]:
+    """Fuses the graph at `source` into `target`; how many of each fused operator it made."""
+    done = subprocess.run([sys.executable, "-c", OPTIMIZE_BERT_GRAPH, str(source), str(target), str(heads),
+                           str(hidden)], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise RuntimeError(f"onnxruntime's optimizer failed: {lines[-1] if lines else done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def fused_mismatch(path: Path, transformer, input_names: list[str], tokenizer) -> str | None:
