@@ -38,11 +38,17 @@ def fast_backend() -> str:
     return "onnx" if all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")) else "torch"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory) -> None:
+    """The session's ONNX exports (plain and fused), made once and shared by the tests that need no export of their
+    own (those set RAGTUNE_ONNX_CACHE themselves); servers started by the tests inherit it."""
+    os.environ.setdefault("RAGTUNE_ONNX_CACHE", str(tmp_path_factory.mktemp("onnx")))
+
+
 @pytest.fixture(scope="session")
-def embedder(model_path, tmp_path_factory):
+def embedder(model_path):
     from ragtune_workloads.index.embedding import Embedder, ModelRef
 
-    os.environ.setdefault("RAGTUNE_ONNX_CACHE", str(tmp_path_factory.mktemp("onnx")))
     return Embedder(ModelRef(MODEL_NAME, model_path), backend=fast_backend(), batch_size=64)
 
 

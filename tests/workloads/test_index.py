@@ -24,12 +24,6 @@ from ragtune_workloads.index.pipeline import embedding_text, run_index
 from ragtune_workloads.index.retrieval import ModelMismatchError, Retriever
 from ragtune_workloads.index.store import LITE_INDEX_TYPES
 
-
-def load_onnx(path: Path):
-    import onnx
-
-    return onnx.load(str(path))
-
 # Measured on the 300-document subset (114 queries, grades 1-4 relevant): recall@10 0.633, nDCG@10 0.500 with
 # all-MiniLM-L6-v2, 256-token chunks (254 fit its window), AUTOINDEX. Pinned a little lower so index build noise
 # cannot flip it.
@@ -263,6 +257,12 @@ def test_long_queries_are_cut_to_the_model_window(embedder):
     assert vectors.shape == (2, 384)
 
 
+def load_onnx(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
 def test_onnx_backend_gives_the_same_vectors_and_answers(first_run, embedder, model_path, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
     pytest.importorskip("onnx", reason="spec.embedding.backend=onnx needs onnx to export the model")
@@ -306,7 +306,7 @@ def test_a_model_the_fused_graph_gets_wrong_runs_the_plain_export(model_path, tm
     assert np.allclose(vectors, reference.embed_documents(texts), atol=1e-5)
 
 
-def test_onnx_runs_a_few_texts_directly_with_the_same_vectors(model_path, tmp_path, monkeypatch):
+def test_onnx_runs_a_few_texts_directly_with_the_same_vectors(model_path, monkeypatch):
     pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
     from ragtune_workloads.index import embedding
 
@@ -323,7 +323,7 @@ def test_onnx_runs_a_few_texts_directly_with_the_same_vectors(model_path, tmp_pa
     assert ((direct * through_st).sum(axis=1) > 0.99999).all()
 
 
-def test_onnx_worker_threads_take_no_cpu_once_a_call_returns(model_path, tmp_path, monkeypatch):
+def test_onnx_worker_threads_take_no_cpu_once_a_call_returns(model_path):
     pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
     import time
 
@@ -339,7 +339,7 @@ def test_onnx_worker_threads_take_no_cpu_once_a_call_returns(model_path, tmp_pat
     assert min(busy) < 0.01, busy
 
 
-def test_one_query_is_tokenised_as_the_tokenizers_own_call_would(model_path, tmp_path, monkeypatch):
+def test_one_query_is_tokenised_as_the_tokenizers_own_call_would(model_path):
     pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
     from ragtune_workloads.serve.cache import VersionedCache
     from ragtune_workloads.serve.retriever import CachingEmbedder
