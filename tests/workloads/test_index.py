@@ -272,6 +272,7 @@ def test_onnx_backend_gives_the_same_vectors_and_answers(first_run, embedder, mo
     # onnxruntime runs the fused graph: attention in one operator per layer
     graph = onnx._direct.runner.path
     assert "-fused-" in graph.name and "Attention" in {node.op_type for node in load_onnx(graph).graph.node}
+    assert [p.name for p in (tmp_path / "onnx").glob("*.onnx")] == [graph.name]  # no plain export made for nothing
     torch = Embedder(ModelRef(MODEL_NAME, model_path), backend="torch") if embedder.backend == "onnx" \
         else embedder
     texts = ["shock waves on a blunt body", "heat transfer " * 80, "lift"]

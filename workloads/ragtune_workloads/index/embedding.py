@@ -93,22 +93,23 @@ def export_onnx(transformer, input_names: list[str], path: Path) -> None:
 FUSED_TOLERANCE = 1e-4
 
 
-def fused_onnx_export(model, plain: Path, input_names: list[str]) -> Path:
+def fused_onnx_export(model, ref: ModelRef, input_names: list[str]) -> Path:
     """The export for onnxruntime at fp32: the transformer exported with eager attention (the pattern onnxruntime's
     transformer optimizer recognises) and fused by it — attention, embeddings + LayerNorm, bias + GELU, residual +
     LayerNorm: ~560 nodes become ~50, and a short query waits for far fewer operator hand-offs (a query on two
     threads ~15-20 % faster). Used only when attention fused and `fused_mismatch` finds the fused graph gives the
-    model's own hidden states; otherwise (another architecture, another padding side) the plain export `plain`,
-    and the reason is remembered beside it so the attempt is not repeated at every start. Cached beside `plain`
-    by onnxruntime version (the fusions are onnxruntime's)."""
+    model's own hidden states; otherwise (another architecture, another padding side) the plain export, made
+    only then, and the reason is remembered beside it so the attempt is not repeated at every start. Cached beside
+    the plain export by onnxruntime version (the fusions are onnxruntime's)."""
     import onnxruntime
 
+    plain = onnx_export_path(ref, input_names)
     fused = plain.with_name(f"{plain.stem}-fused-ort{onnxruntime.__version__}.onnx")
     refused = fused.with_suffix(".refused")
     if fused.exists():
         return fused
     if refused.exists():
-        return plain
+        return onnx_export(model, ref, input_names)
     partial = fused.with_suffix(f".{os.getpid()}.partial")
     try:
         reason = build_fused_export(model[0].model, input_names, model.tokenizer, partial)
@@ -121,7 +122,7 @@ def fused_onnx_export(model, plain: Path, input_names: list[str]) -> Path:
             refused.write_text(reason + "\n")
         except OSError:  # a read-only cache: tried again at the next start
             pass
-        return plain
+        return onnx_export(model, ref, input_names)
     os.replace(partial, fused)
     return fused
 
@@ -233,8 +234,8 @@ def check_precision(backend: str, precision: str) -> None:
                          f"{' or '.join(PRECISIONS[backend])}")
 
 
-def onnx_export(model, ref: ModelRef, input_names: list[str]) -> Path:
-    """The cached fp32 ONNX export of the model's transformer."""
+def onnx_export_path(ref: ModelRef, input_names: list[str]) -> Path:
+    """Where the fp32 ONNX export of the model's transformer is cached (whether or not it was made yet)."""
     import torch
 
     # Keyed by the weight files too: a model replaced at the same path must not reuse an old export.
@@ -242,7 +243,12 @@ def onnx_export(model, ref: ModelRef, input_names: list[str]) -> Path:
                      if f.suffix in (".safetensors", ".bin")) if ref.path else []
     identity = f"{ref.name}|{ref.path}|{weights}|{torch.__version__}|{input_names}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    path = onnx_cache_dir() / f"{key}.onnx"
+    return onnx_cache_dir() / f"{key}.onnx"
+
+
+def onnx_export(model, ref: ModelRef, input_names: list[str]) -> Path:
+    """The cached fp32 ONNX export of the model's transformer, made on first use."""
+    path = onnx_export_path(ref, input_names)
     if not path.exists():
         export_onnx(model[0].model, input_names, path)
     return path
@@ -321,12 +327,12 @@ def use_exported_runtime(model, ref: ModelRef, backend: str = "onnx", precision:
     transformer = module.model
     input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
                    if n in model.tokenizer.model_input_names]
-    path = onnx_export(model, ref, input_names)
     if backend == "openvino":
-        runner = OpenVinoRunner(path, precision, threads, wide_threads)
-    else:
-        graph = quantize_int8(path) if precision == "int8" else fused_onnx_export(model, path, input_names)
-        runner = OrtRunner(graph, threads, wide_threads)
+        runner = OpenVinoRunner(onnx_export(model, ref, input_names), precision, threads, wide_threads)
+    elif precision == "int8":
+        runner = OrtRunner(quantize_int8(onnx_export(model, ref, input_names)), threads, wide_threads)
+    else:  # the plain export is made only where the fused graph is not used
+        runner = OrtRunner(fused_onnx_export(model, ref, input_names), threads, wide_threads)
 
     class ExportedTransformer(torch.nn.Module):
         def __init__(self):
