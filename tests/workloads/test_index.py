@@ -305,6 +305,10 @@ def test_a_model_the_fused_graph_gets_wrong_runs_the_plain_export(model_path, tm
     model.tokenizer.padding_side = reference.tokenizer.padding_side = "left"
     vectors = Embedder(ref, backend="onnx", model=model).embed_documents(texts)
     assert np.allclose(vectors, reference.embed_documents(texts), atol=1e-5)
+    # the verdict belongs to the left padding: padded on the right, the same model runs the fused graph
+    right = load_sentence_transformer(ref)
+    use_exported_runtime(right, ref, "onnx")
+    assert "-fused-" in right._ragtune_runner[0].path.name
 
 
 def test_onnx_runs_a_few_texts_directly_with_the_same_vectors(model_path, monkeypatch):

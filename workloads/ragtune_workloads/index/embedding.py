@@ -104,7 +104,9 @@ def fused_onnx_export(model, ref: ModelRef, input_names: list[str]) -> Path:
     import onnxruntime
 
     plain = onnx_export_path(ref, input_names)
-    fused = plain.with_name(f"{plain.stem}-fused-ort{onnxruntime.__version__}.onnx")
+    # The check's verdict holds for the padding side it was made with.
+    side = getattr(model.tokenizer, "padding_side", "right")
+    fused = plain.with_name(f"{plain.stem}-fused-ort{onnxruntime.__version__}-{side}-padded.onnx")
     refused = fused.with_suffix(".refused")
     if fused.exists():
         return fused
