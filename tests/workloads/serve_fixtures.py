@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -183,21 +181,11 @@ def serve_config(path: Path, *, name: str, mode: str, model: Path, adapter: Path
     return path
 
 
-# Servers under test get a port below Linux's ephemeral range (32768 up), where Ray's own processes bind theirs
-# while the server starts (a port found free there could be taken before the server binds it: seen once as
-# "No available ports" for the Ingress replica), and above Ray's worker ports (10002-19999).
-SERVER_PORTS = range(20000, 30000)
-
-
 def free_port() -> int:
-    for port in random.sample(SERVER_PORTS, 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {SERVER_PORTS.start}-{SERVER_PORTS.stop - 1} on 127.0.0.1")
+    """A port for a server under test, where the endpoint's own program would pick one (not where Ray binds)."""
+    from ragtune_workloads.serve.__main__ import free_port as serve_free_port
+
+    return serve_free_port("127.0.0.1")
 
 
 @contextlib.contextmanager

@@ -518,3 +518,19 @@ def test_vllm_spawns_its_engine_core_when_cuda_is_already_in_use():
     assert engines.vllm_process_env(gpu, cuda_in_use=False) == {}
     cpu = engines.vllm_process_env(engines.EngineSettings(model="m", gpus=0), cuda_in_use=False)
     assert cpu["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and "VLLM_WORKER_MULTIPROC_METHOD" not in cpu
+
+
+def test_a_free_port_is_picked_outside_the_range_ray_binds_in_and_skips_busy_ones(monkeypatch):
+    import socket
+
+    from ragtune_workloads.serve import __main__ as serve_main
+
+    port = serve_main.free_port("127.0.0.1")
+    assert port in serve_main.FREE_PORTS and port < 32768  # below the ephemeral range
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        monkeypatch.setattr(serve_main, "FREE_PORTS", range(port, port + 1))
+        with pytest.raises(RuntimeError, match=f"no free port in {port}-{port} on 127.0.0.1"):
+            serve_main.free_port("127.0.0.1")
+        monkeypatch.setattr(serve_main, "FREE_PORTS", range(port, port + 2))
+        assert serve_main.free_port("127.0.0.1") == port + 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -32,10 +33,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Ports this program picks for itself lie below Linux's ephemeral range (32768 up), where Ray's own processes bind
+# theirs while they start (a port found free there can be taken before it is bound: seen once as "No available
+# ports" for an Ingress replica), and above Ray's worker ports (10002-19999).
+FREE_PORTS = range(20000, 30000)
+
+
 def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    for port in random.sample(FREE_PORTS, min(200, len(FREE_PORTS))):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {FREE_PORTS.start}-{FREE_PORTS.stop - 1} on {host}")
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
