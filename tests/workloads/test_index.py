@@ -344,22 +344,30 @@ def test_onnx_worker_threads_take_no_cpu_once_a_call_returns(model_path):
     assert min(busy) < 0.01, busy
 
 
-def test_one_query_is_tokenised_as_the_tokenizers_own_call_would(model_path):
+def test_one_query_is_tokenised_once_as_the_tokenizers_own_call_would(model_path):
     pytest.importorskip("onnxruntime", reason="spec.embedding.backend=onnx needs onnxruntime")
-    from ragtune_workloads.serve.cache import VersionedCache
+    from ragtune_workloads.serve.cache import MISSING, VersionedCache
     from ragtune_workloads.serve.retriever import CachingEmbedder
 
     onnx = Embedder(ModelRef(MODEL_NAME, model_path), backend="onnx")
-    caching = CachingEmbedder(onnx, VersionedCache(0))
-    assert onnx._single is not None and caching.plain_tokenizer is not None
+    caching = CachingEmbedder(onnx, VersionedCache(8))
+    assert onnx._single is not None
     texts = ["  Shock waves on a Blunt body ", "Überschall-Strömung: Δp = ½ρv²", "heat transfer " * 300, "lift"]
-    alone = [onnx.embed_queries([text]) for text in texts]
-    fits = [caching.fit(text) for text in texts]
-    onnx._single = caching.plain_tokenizer = None  # the tokenizer's own call
-    for text, vector, fit in zip(texts, alone, fits):
+    alone = [caching.embed_queries([text]) for text in texts]
+    assert all(caching.cache.get(text, None) is not MISSING for text in texts)  # cached as asked
+    onnx._single = None  # the tokenizer's own call
+    for text, vector in zip(texts, alone):
         assert (vector * onnx.embed_queries([text])).sum() > 0.99999, text
-        assert fit == caching.fit(text)
-    assert len(fits[2]) < len(texts[2])  # the long query was cut to what the model reads
+    # A query longer than the model's window gets the vector of what the model reads, in every backend (torch
+    # would overflow its position embeddings if it read it all): the query cut at the window.
+    long = texts[2]
+    offsets = onnx.tokenizer(long, add_special_tokens=False, return_offsets_mapping=True,
+                             verbose=False)["offset_mapping"]
+    cut = long[:offsets[onnx.max_chunk_tokens - 1][1]]
+    assert len(cut) < len(long)
+    assert (alone[2] * onnx.embed_queries([cut])).sum() > 0.99999
+    torch_embedder = Embedder(ModelRef(MODEL_NAME, model_path), backend="torch")
+    assert (alone[2] * torch_embedder.embed_queries([long])).sum() > 0.9999
 
 
 def test_an_endpoint_embeds_queries_with_onnx_and_falls_back_to_torch(model_path, tmp_path, monkeypatch):

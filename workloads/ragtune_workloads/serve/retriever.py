@@ -21,8 +21,7 @@ import numpy as np
 
 from ragtune.api.workload import RetrievalTarget
 
-from ragtune_workloads.index.embedding import (EXPORTED_BACKENDS, PRECISIONS, Embedder, ModelRef,
-                                               single_text_tokenizer)
+from ragtune_workloads.index.embedding import EXPORTED_BACKENDS, PRECISIONS, Embedder, ModelRef
 from ragtune_workloads.index.retrieval import Hit, Retriever
 
 from .cache import MISSING, VersionedCache
@@ -47,22 +46,10 @@ class CachingEmbedder:
         self.name = embedder.name
         self.dimension = embedder.dimension
         self.local = threading.local()  # the version the current thread's search runs against
-        # A query's tokens without truncation, to find where it is cut (None: the tokenizer's own call).
-        self.plain_tokenizer = single_text_tokenizer(embedder.tokenizer, None)
-
-    def fit(self, query: str) -> str:
-        """The query cut to what the embedding model reads: the shared Embedder lifts the tokenizer's length
-        limit for chunking, and an untruncated long query would overflow the model's position embeddings."""
-        limit = self.inner.max_chunk_tokens
-        if self.plain_tokenizer is not None:
-            offsets = self.plain_tokenizer.encode(query, add_special_tokens=False).offsets
-        else:
-            offsets = self.inner.tokenizer(query, add_special_tokens=False, return_offsets_mapping=True,
-                                           verbose=False)["offset_mapping"]
-        return query if len(offsets) <= limit else query[:offsets[limit - 1][1]]
 
     def embed_queries(self, queries: list[str]) -> np.ndarray:
-        queries = [self.fit(query) for query in queries]
+        """Vectors of `queries`, cached by the query as asked: a query longer than the model's window is cut by the
+        embedder's own tokenisation (the same vector as its cut text), so it is tokenised once, by the embedder."""
         version = getattr(self.local, "version", None)
         vectors: list[Any] = [self.cache.get(query, version) for query in queries]
         missing = [i for i, vector in enumerate(vectors) if vector is MISSING]
