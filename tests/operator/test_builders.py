@@ -192,6 +192,7 @@ def test_a_cpu_engine_sizes_its_threads_to_the_cpu_request_without_pinning(cpu, 
             objs[kind]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
         env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
         assert env["OMP_NUM_THREADS"] == threads and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+        assert env["RAY_worker_niceness"] == "0"  # the serving replicas not below Ray's own services
 
 
 def test_a_gpu_engine_leaves_thread_placement_to_vllm():

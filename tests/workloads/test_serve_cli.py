@@ -66,6 +66,8 @@ def test_single_pod_runtime_serves_and_stops_cleanly_on_sigterm(tmp_path):
         listener = next(c.pid for c in psutil.net_connections("tcp")
                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
         assert "ServeReplica" in " ".join(psutil.Process(listener).cmdline()), psutil.Process(listener).cmdline()
+        # ... at the default priority, not Ray's niceness 15 for workers (below its own services)
+        assert psutil.Process(listener).nice() == 0
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
             "model": "pod", "messages": [{"role": "user", "content": "what is the capital city of france"}],
             "temperature": 0}).json()

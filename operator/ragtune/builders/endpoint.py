@@ -140,8 +140,11 @@ def serve_container(spec: HybridEndpointSpec, mounts: list[dict], command: list[
     container: dict[str, Any] = {
         "name": "serve",
         "image": image(spec),
-        "env": common.pod_env() + [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "RAY_AUTH_MODE",
-                                                                               "value": "disabled"}],
+        "env": common.pod_env() + [{"name": "HF_HOME", "value": "/tmp/hf"},
+                                   {"name": "RAY_AUTH_MODE", "value": "disabled"},
+                                   # Ray's workers (the replicas serving requests, vLLM's engine) at the default
+                                   # priority instead of Ray's niceness 15 below its own services.
+                                   {"name": "RAY_worker_niceness", "value": "0"}],
         "ports": [{"name": "http", "containerPort": spec.port}],
         "resources": common.container_resources(spec.resources),
         "volumeMounts": mounts,
