@@ -407,10 +407,10 @@ def cpu_has_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def single_text_tokenizer(tokenizer: Any, max_length: int | None) -> Any | None:
+def single_text_tokenizer(tokenizer: Any, max_length: int) -> Any | None:
     """A private copy of a fast tokenizer's Rust tokenizer for one text per call: no padding, and truncated on the
-    right to `max_length` tokens (special tokens included) or not at all, so it gives the ids the tokenizer's own
-    call gives with those settings. The wrapper's call costs ~0.3 ms more than the tokenisation of a query when the
+    right to `max_length` tokens (special tokens included), so it gives the ids the tokenizer's own call gives with
+    those settings. The wrapper's call costs ~0.3 ms more than the tokenisation of a query when the
     CPU's caches are cold, and it sets truncation and padding on the shared Rust tokenizer every time. None for a
     slow tokenizer or one truncating on the left."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -418,10 +418,7 @@ def single_text_tokenizer(tokenizer: Any, max_length: int | None) -> Any | None:
         return None
     single = copy.deepcopy(backend)
     single.no_padding()
-    if max_length:
-        single.enable_truncation(max_length)
-    else:
-        single.no_truncation()
+    single.enable_truncation(max_length)
     return single
 
 
