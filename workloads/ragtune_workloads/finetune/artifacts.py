@@ -12,6 +12,7 @@ Layout under the output path:
 The digest is sha256 over the lines `<sha256 of file>  <relative path>\n`, sorted by path: the same text
 `sha256sum` prints, so anyone can check it with
   (cd adapter && find . -type f -printf '%P\\n' | LC_ALL=C sort | xargs sha256sum) | sha256sum
+The same training gives the same digest: the files depend on their content only (`sort_set_fields`).
 """
 
 from __future__ import annotations
@@ -95,7 +96,21 @@ def save_adapter(model: Any, adapter_dir: Path) -> Path:
         shutil.rmtree(adapter_dir)
     model.save_pretrained(str(adapter_dir), safe_serialization=True)
     check_adapter_layout(adapter_dir)
+    sort_set_fields(model, adapter_dir / "adapter_config.json")
     return adapter_dir
+
+
+def sort_set_fields(model: Any, config_file: Path) -> None:
+    """peft writes the config's sets (`target_modules` among them) as lists in the order the set iterates, which
+    changes with every process's string-hash seed: the same training would get another digest each time. Sorted,
+    the file depends on its content only (peft reads these fields back as sets, so their order means nothing)."""
+    set_fields = {name for config in getattr(model, "peft_config", {}).values()
+                  for name, value in vars(config).items() if isinstance(value, set)}
+    written = json.loads(config_file.read_text())
+    sorted_fields = {name: sorted(written[name], key=str) for name in set_fields
+                     if isinstance(written.get(name), list)}
+    if sorted_fields:
+        config_file.write_text(json.dumps({**written, **sorted_fields}, indent=2, sort_keys=True))
 
 
 def merge_adapter(base_model: str, adapter_dir: Path, merged_dir: Path, tokenizer: Any, dtype: Any,
