@@ -11,6 +11,11 @@ from ragtune_objects import (API, bound_pvc, endpoint, finetunejob, finish_finet
 pytestmark = pytest.mark.usefixtures("ragtune_operator")
 
 
+def reconciled(metrics: str, kind: str) -> float:
+    line = f'ragtune_reconciles_total{{kind="{kind}",result="success"}} '
+    return sum(float(row.removeprefix(line)) for row in metrics.splitlines() if row.startswith(line))
+
+
 def served_config(kube, namespace, name):
     return json.loads(kube.get("v1", "ConfigMap", f"{name}-config", namespace)["data"]["config.json"])
 
@@ -82,3 +87,25 @@ def test_an_adapter_of_another_base_model_is_refused(kube, namespace):
     message = kube.condition(refused, "Ready")["message"]
     assert "org/other-model" in message and "base/tiny" in message
     assert kube.get("apps/v1", "Deployment", "chat", namespace) is None
+
+
+def test_a_restarted_operator_rolls_nothing(kube, namespace, ragtune_operator):
+    """An operator restart (an upgrade, a rescheduled pod) resumes every endpoint and renders it again, in a
+    process with another string-hash seed: what it applies must be what is there, or every endpoint would roll."""
+    ready_references(kube, namespace, "ft", "sha256:" + "1" * 64)
+    kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)
+    wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
+    children = [("apps/v1", "Deployment", "chat"), ("v1", "ConfigMap", "chat-config"), ("v1", "Service", "chat")]
+    before = [kube.get(api, kind, name, namespace) for api, kind, name in children]
+
+    ragtune_operator.kill()
+    endpoints = len(kube.list(API, "HybridEndpoint"))  # in every namespace: the restart resumes each once
+    ragtune_operator.start()
+    kube.wait_for(lambda: reconciled(ragtune_operator.metrics(), "HybridEndpoint") >= endpoints,
+                  f"the restarted operator to resume the {endpoints} endpoints")
+
+    after = [kube.get(api, kind, name, namespace) for api, kind, name in children]
+    assert after[0]["metadata"]["generation"] == before[0]["metadata"]["generation"]
+    assert after[0]["spec"] == before[0]["spec"]
+    assert after[1]["metadata"]["resourceVersion"] == before[1]["metadata"]["resourceVersion"]
+    assert after[2]["spec"] == before[2]["spec"]
