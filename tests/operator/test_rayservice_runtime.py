@@ -18,6 +18,12 @@ pytestmark = pytest.mark.usefixtures("ragtune_operator")
 
 @pytest.fixture
 def kuberay_crd(kube):
+    install_kuberay_crd(kube)
+    yield
+    kube.kubectl("delete", "crd", "rayservices.ray.io", "--wait=true", "--ignore-not-found", timeout=120)
+
+
+def install_kuberay_crd(kube) -> None:
     result = subprocess.run(["go", "mod", "download", "-json", KUBERAY], capture_output=True, text=True)
     if result.returncode != 0:
         pytest.fail(f"could not fetch {KUBERAY} from the Go module proxy: {result.stderr}")
@@ -25,8 +31,14 @@ def kuberay_crd(kube):
     kube.kubectl("apply", "--server-side", "-f", str(crd))
     kube.wait_condition("apiextensions.k8s.io/v1", "CustomResourceDefinition", "rayservices.ray.io", None,
                         "Established")
-    yield
-    kube.kubectl("delete", "crd", "rayservices.ray.io", "--wait=true", timeout=120)
+
+
+def mark_rayservice_ready(kube, namespace: str, name: str) -> None:
+    """What KubeRay's controller would do once the Ray cluster serves."""
+    kube.kubectl("patch", "rayservice", name, "-n", namespace, "--subresource=status", "--type=merge", "-p",
+                 json.dumps({"status": {"conditions": [{
+                     "type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints", "message": "serving",
+                     "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}))
 
 
 def test_auto_runtime_serves_through_a_rayservice_when_kuberay_is_installed(kube, namespace, kuberay_crd):
@@ -42,10 +54,38 @@ def test_auto_runtime_serves_through_a_rayservice_when_kuberay_is_installed(kube
     pending = wait_ready(kube, "HybridEndpoint", "chat", namespace, "False")
     assert pending["status"]["runtime"] == "rayservice"
 
-    kube.kubectl("patch", "rayservice", "chat", "-n", namespace, "--subresource=status", "--type=merge", "-p",
-                 json.dumps({"status": {"conditions": [{
-                     "type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints", "message": "serving",
-                     "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}))
+    mark_rayservice_ready(kube, namespace, "chat")
     ready = wait_ready(kube, "HybridEndpoint", "chat", namespace)
     assert ready["status"]["served"]["adapterDigest"] == "sha256:" + "4" * 64
     assert kube.get(API, "HybridEndpoint", "chat", namespace)["status"]["readyReplicas"] == 1
+
+
+def test_installing_kuberay_does_not_move_an_endpoint_a_deployment_serves(kube, namespace, request):
+    """Moving it would delete the Deployment before a RayService serves: auto is decided when an endpoint is
+    first served and kept after that (`runtime: rayservice` moves it on purpose)."""
+    ready_references(kube, namespace, "ft", "sha256:" + "5" * 64)
+    kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)
+    assert wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)["status"]["runtime"] == "deployment"
+
+    request.getfixturevalue("kuberay_crd")
+    kube.apply(endpoint("chat", adapter="ft", index="docs", replicas=2), namespace)  # reconciled again
+    kube.wait_for(lambda: (kube.get("apps/v1", "Deployment", "chat", namespace) or {}).get("spec", {})
+                  .get("replicas") == 2, "the Deployment to be scaled to 2")
+    ready = wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
+    assert ready["status"]["runtime"] == "deployment"
+    assert kube.get("ray.io/v1", "RayService", "chat", namespace) is None
+
+
+def test_removing_kuberay_serves_its_endpoints_from_a_deployment_again(kube, namespace, kuberay_crd):
+    ready_references(kube, namespace, "ft", "sha256:" + "6" * 64)
+    kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)
+    kube.wait_for(lambda: kube.get("ray.io/v1", "RayService", "chat", namespace), "the RayService")
+    mark_rayservice_ready(kube, namespace, "chat")
+    assert wait_ready(kube, "HybridEndpoint", "chat", namespace)["status"]["runtime"] == "rayservice"
+
+    # Removing the CRD removes every RayService with it.
+    kube.kubectl("delete", "crd", "rayservices.ray.io", "--wait=true", timeout=120)
+    kube.wait_for(lambda: kube.get("apps/v1", "Deployment", "chat", namespace), "a Deployment to serve the endpoint")
+    ready = wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
+    assert ready["status"]["runtime"] == "deployment"
+    assert ready["status"]["served"]["adapterDigest"] == "sha256:" + "6" * 64

@@ -126,5 +126,9 @@ class OwnerCache:
         with self._lock:
             return self._items.get(key)
 
+    def keys(self, kind: str) -> list[OwnerKey]:
+        with self._lock:
+            return [key for key in self._items if key[0] == kind]
+
 
 OWNERS = OwnerCache()

@@ -128,10 +128,23 @@ def resolve_index(spec: HybridEndpointSpec, namespace: str) -> builder.ResolvedI
         else "")
 
 
-def runtime_for(spec: HybridEndpointSpec) -> str:
+def runtime_for(spec: HybridEndpointSpec, status: dict[str, Any]) -> str:
+    """`auto` is decided when an endpoint is first served: a RayService where KubeRay's CRD is installed, else a
+    Deployment. After that the endpoint keeps the runtime its status names: installing KubeRay does not move a
+    serving endpoint (the move would delete its Deployment before a RayService serves). An endpoint on a
+    RayService whose CRD is removed (its RayServices go with it) falls back to a Deployment."""
     if spec.runtime != "auto":
         return spec.runtime
-    return "rayservice" if shared.api().crd_installed(RAYSERVICE_CRD) else "deployment"
+    installed = shared.api().crd_installed(RAYSERVICE_CRD)
+    if not installed or (status.get("served") and status.get("runtime") == "deployment"):
+        return "deployment"
+    return "rayservice"
+
+
+def current_status(key: tuple[str, str, str], owner: dict[str, Any]) -> dict[str, Any]:
+    """The endpoint's status as ragtune last wrote it (the watch's copy may not have caught up yet)."""
+    known = cache.STATUS.get((KIND, key[1], owner["metadata"].get("uid") or key[2]))
+    return known[1] if known else (owner.get("status") or {})
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -151,7 +164,7 @@ def reconcile(namespace: str, name: str) -> None:
         if owner is None or owner["metadata"].get("deletionTimestamp"):
             return
         spec = parse_spec(owner["spec"])
-        runtime = runtime_for(spec)
+        runtime = runtime_for(spec, current_status(key, owner))
         try:
             adapter = resolve_adapter(spec, namespace)
             index = resolve_index(spec, namespace)
@@ -185,15 +198,14 @@ def refresh(key: tuple[str, str, str], unresolved: Unresolved | None = None) -> 
         UNRESOLVED[key] = unresolved
     unresolved = UNRESOLVED.get(key)
     spec = parse_spec(owner["spec"])
-    runtime = runtime_for(spec)
+    current = current_status(key, owner)
+    runtime = runtime_for(spec, current)
     kind = "RayService" if runtime == "rayservice" else "Deployment"
     workloads = [w for w in cache.JOBS.get(key) if w.get("kind") == kind]
     child = workloads[0] if workloads else None
     wanted = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
     fields, conds = statuses.endpoint_workload(kind, child, wanted)
     fields.update({"runtime": runtime, "url": builder.url(common.owner_info(owner), spec)})
-    known = cache.STATUS.get((KIND, key[1], owner["metadata"].get("uid") or key[2]))
-    current = known[1] if known else (owner.get("status") or {})
     served = current.get("served")
     if unresolved is not None:
         conds.append(c.condition(c.REFERENCES_READY, False, unresolved.reason, unresolved.message))
@@ -263,7 +275,7 @@ def resync(key: tuple[str, str, str]) -> None:
     owner = cache.OWNERS.get(key)
     if owner is None or owner["metadata"].get("deletionTimestamp") or key not in DESIRED:
         return
-    if runtime_for(parse_spec(owner["spec"])) != "rayservice":
+    if runtime_for(parse_spec(owner["spec"]), current_status(key, owner)) != "rayservice":
         return
     _, namespace, name = key
     current = shared.api().get("ray.io/v1", "RayService", name, namespace) or {}
@@ -284,9 +296,17 @@ async def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | 
 
 @kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 async def crd_changed(name: str, type: str | None, **_: Any) -> None:
-    """Installing or removing KubeRay changes what runtime auto means for the next reconcile."""
-    if name == RAYSERVICE_CRD and type is not None:
-        shared.api().forget_crd(name)
+    """Installing or removing KubeRay changes what runtime auto means for endpoints not served yet; removing it
+    also took the RayServices with it, so the endpoints that ran on one are served by a Deployment again."""
+    if name != RAYSERVICE_CRD or type is None:
+        return
+    shared.api().forget_crd(name)
+    if type != "DELETED":
+        return
+    for key in cache.OWNERS.keys(KIND):  # reconciling one that already runs a Deployment writes nothing
+        owner = cache.OWNERS.get(key)
+        if owner and (owner.get("spec") or {}).get("runtime", "auto") == "auto":
+            shared.request_refresh(key, lambda k=key: reconcile(k[1], k[2]), work="reconcile")
 
 
 def _referencing(index: kopf.Index, namespace: str, kind: str, name: str) -> set[str]:
