@@ -113,9 +113,10 @@ class HybridEndpointSpec(ApiModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     api_key_secret: str | None = Field(default=None, max_length=253, description="Secret whose key 'api-key' "
                                        "holds the Bearer key clients must send; open when empty.")
-    runtime: Literal["auto", "rayservice", "deployment"] = Field(default="auto", description="auto: a KubeRay "
-                                                                 "RayService when its CRD is installed, otherwise "
-                                                                 "a Deployment running Ray Serve in one pod.")
+    runtime: Literal["auto", "rayservice", "deployment"] = Field(
+        default="auto", description="auto: a KubeRay RayService when its CRD is installed, otherwise a Deployment "
+        "running Ray Serve in one pod; decided when the endpoint is first served and kept (status.runtime), "
+        "except that removing KubeRay moves its endpoints to a Deployment.")
     topology: Literal["auto", "colocated", "split"] = Field(
         default="auto", description="colocated: retrieval and generation run inside the ingress replica, so a "
         "request crosses no deployment boundary (lowest latency at low and moderate load; everything scales "
