@@ -96,7 +96,7 @@ class OpenVersion:
                 shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
-# Values (rows x dimensions) of a version searched in memory: 64M float32 (256 MB), e.g. ~166k chunks at 384.
+# Values (rows x dimensions) of a version searched in memory: 64Mi float32 (256 MiB), e.g. ~175k chunks at 384.
 MEMORY_SEARCH_MAX_VALUES = 64 * 1024 * 1024
 
 
