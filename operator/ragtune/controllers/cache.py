@@ -126,9 +126,9 @@ class OwnerCache:
         with self._lock:
             return self._items.get(key)
 
-    def keys(self, kind: str) -> list[OwnerKey]:
+    def items(self, kind: str) -> list[tuple[OwnerKey, dict]]:
         with self._lock:
-            return [key for key in self._items if key[0] == kind]
+            return [(key, body) for key, body in self._items.items() if key[0] == kind]
 
 
 OWNERS = OwnerCache()

@@ -78,8 +78,7 @@ def recreate_if_unfinished(key: tuple[str, str, str]) -> None:
     owner = cache.OWNERS.get(key)
     if owner is None or owner["metadata"].get("deletionTimestamp"):
         return
-    known = cache.STATUS.get((KIND, key[1], owner["metadata"].get("uid") or key[2]))
-    phase = (known[1] if known else (owner.get("status") or {})).get("phase")
+    phase = shared.known_status(owner).get("phase")
     if phase in ("Succeeded", "Failed"):
         return
     children = builder.build(owner, parse_spec(owner["spec"]))

@@ -141,11 +141,6 @@ def runtime_for(spec: HybridEndpointSpec, status: dict[str, Any]) -> str:
     return "rayservice"
 
 
-def current_status(key: tuple[str, str, str], owner: dict[str, Any]) -> dict[str, Any]:
-    """The endpoint's status as ragtune last wrote it (the watch's copy may not have caught up yet)."""
-    known = cache.STATUS.get((KIND, key[1], owner["metadata"].get("uid") or key[2]))
-    return known[1] if known else (owner.get("status") or {})
-
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
@@ -164,7 +159,7 @@ def reconcile(namespace: str, name: str) -> None:
         if owner is None or owner["metadata"].get("deletionTimestamp"):
             return
         spec = parse_spec(owner["spec"])
-        runtime = runtime_for(spec, current_status(key, owner))
+        runtime = runtime_for(spec, shared.known_status(owner))
         try:
             adapter = resolve_adapter(spec, namespace)
             index = resolve_index(spec, namespace)
@@ -198,7 +193,7 @@ def refresh(key: tuple[str, str, str], unresolved: Unresolved | None = None) -> 
         UNRESOLVED[key] = unresolved
     unresolved = UNRESOLVED.get(key)
     spec = parse_spec(owner["spec"])
-    current = current_status(key, owner)
+    current = shared.known_status(owner)
     runtime = runtime_for(spec, current)
     kind = "RayService" if runtime == "rayservice" else "Deployment"
     workloads = [w for w in cache.JOBS.get(key) if w.get("kind") == kind]
@@ -275,7 +270,7 @@ def resync(key: tuple[str, str, str]) -> None:
     owner = cache.OWNERS.get(key)
     if owner is None or owner["metadata"].get("deletionTimestamp") or key not in DESIRED:
         return
-    if runtime_for(parse_spec(owner["spec"]), current_status(key, owner)) != "rayservice":
+    if runtime_for(parse_spec(owner["spec"]), shared.known_status(owner)) != "rayservice":
         return
     _, namespace, name = key
     current = shared.api().get("ray.io/v1", "RayService", name, namespace) or {}
@@ -303,9 +298,8 @@ async def crd_changed(name: str, type: str | None, **_: Any) -> None:
     shared.api().forget_crd(name)
     if type != "DELETED":
         return
-    for key in cache.OWNERS.keys(KIND):  # reconciling one that already runs a Deployment writes nothing
-        owner = cache.OWNERS.get(key)
-        if owner and (owner.get("spec") or {}).get("runtime", "auto") == "auto":
+    for key, owner in cache.OWNERS.items(KIND):  # reconciling one that already runs a Deployment writes nothing
+        if (owner.get("spec") or {}).get("runtime", "auto") == "auto":
             shared.request_refresh(key, lambda k=key: reconcile(k[1], k[2]), work="reconcile")
 
 

@@ -107,15 +107,26 @@ def apply_children(body: dict[str, Any], children: list[dict[str, Any]]) -> dict
     return outcome
 
 
+def status_key(body: dict[str, Any]) -> tuple[str, str, str]:
+    meta = body["metadata"]
+    return body["kind"], meta["namespace"], meta.get("uid") or meta["name"]
+
+
+def known_status(body: dict[str, Any]) -> dict[str, Any]:
+    """The object's status as ragtune last wrote it (the watch's copy may not have caught up yet), else the
+    status on the body."""
+    known = cache.STATUS.get(status_key(body))
+    return known[1] if known else (body.get("status") or {})
+
+
 def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desired: list[dict],
                  events: bool = True) -> dict[str, Any]:
     """Writes status fields and conditions only when something changed; stamps observedGeneration and posts an
     event for every condition transition. The base is the status ragtune last wrote for this object (uid), else
     the status on the body."""
     meta = body["metadata"]
-    uid_key = (body["kind"], meta["namespace"], meta.get("uid") or meta["name"])
-    known = cache.STATUS.get(uid_key)
-    current = known[1] if known else (body.get("status") or {})
+    uid_key = status_key(body)
+    current = known_status(body)
     generation = meta.get("generation")
     merged = c.merge_conditions(current.get("conditions"), desired, generation)
     new_status = {**fields, "observedGeneration": generation, "conditions": merged}

@@ -81,8 +81,7 @@ def refresh(key: tuple[str, str, str]) -> None:
     job = latest_job(key, spec, owner)
     pods = [p for p in cache.PODS.get(key)
             if job and p["metadata"]["labels"].get("job-name") == job["metadata"]["name"]]
-    known = cache.STATUS.get((KIND, key[1], owner["metadata"].get("uid") or key[2]))
-    previous = known[1] if known else (owner.get("status") or {})
+    previous = shared.known_status(owner)
     fields, conds = statuses.vectorindex(job, pods, previous)
     fields["progressText"] = fields.get("progressText") or {"Pending": "pending", "Running": "starting",
                                                             "Failed": "failed"}.get(fields["phase"], "")
