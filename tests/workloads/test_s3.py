@@ -181,16 +181,37 @@ def test_an_s3_folder_without_row_files_is_refused(s3, tmp_path):
 
 # ---------------------------------------------------------------- the fine-tuned adapter
 
-def test_adapter_trained_from_s3_rows_is_uploaded_to_s3(s3, tmp_path, tiny_model):
+def put_folder(s3, bucket: str, prefix: str, folder: Path) -> None:
+    s3.put(bucket, {f"{prefix}/{path.relative_to(folder).as_posix()}": path.read_bytes()
+                    for path in folder.rglob("*") if path.is_file()})
+
+
+def test_adapter_trained_from_s3_rows_and_model_is_uploaded_to_s3(s3, tmp_path, tiny_model):
+    """Rows, base model and output all in S3, with the config exactly as the operator writes it (only its two pod
+    paths moved under the test's directory)."""
+    from ragtune.api.finetunejob import FineTuneJobSpec
+    from ragtune.api.workload import OwnerInfo
+    from ragtune.builders import finetune as builder
     from ragtune_workloads.finetune.run import run
     from ragtune_workloads.reporting import Reporter
 
     bucket = s3.new_bucket()
     s3.put(bucket, {"rows/train.jsonl": jsonl(ROWS["instruction"](8))})
-    config = make_config(tmp_path, tiny_model, {"source": "s3", "format": "instruction",
-                                                "s3": {"uri": f"s3://{bucket}/rows", "endpoint": s3.endpoint}},
-                         training=fast_training(maxSteps=2, saveSteps=100),
-                         output={"pvc": None, "s3": {"uri": f"s3://{bucket}/adapters/v1/", "endpoint": s3.endpoint}})
+    put_folder(s3, bucket, "models/tiny", tiny_model)
+    location = {"endpoint": s3.endpoint}
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"name": "tiny-llama", "source": "s3", "s3": {"uri": f"s3://{bucket}/models/tiny", **location}},
+        "dataset": {"source": "s3", "format": "instruction", "s3": {"uri": f"s3://{bucket}/rows", **location}},
+        "training": fast_training(maxSteps=2, saveSteps=100),
+        "output": {"s3": {"uri": f"s3://{bucket}/adapters/v1/", **location}}})
+    operator_config = builder.workload_config(OwnerInfo(kind="FineTuneJob", name="test", namespace="default"), spec)
+    assert operator_config.dataset_path is None and operator_config.model_path == builder.MODEL_STAGING
+    staged_model = tmp_path / "scratch" / "model"
+    config = operator_config.model_copy(update={"model_path": str(staged_model),
+                                                "output_path": str(tmp_path / "out")})
+    stale = tmp_path / "out" / ".dataset" / "left-by-an-earlier-run.jsonl"  # a retried pod's volume
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(jsonl(ROWS["instruction"](30)))
     reporter = Reporter(interval=0.0)
     reporter.file = str(tmp_path / "progress.json")
 
@@ -206,7 +227,28 @@ def test_adapter_trained_from_s3_rows_is_uploaded_to_s3(s3, tmp_path, tiny_model
                 for key in keys if key.startswith("adapters/v1/adapter/")]
     assert artifacts.manifest_digest(sorted(manifest)) == result["digest"]
     metadata = json.loads(s3.read(bucket, "adapters/v1/metadata.json"))
-    assert metadata["digest"] == result["digest"] and metadata["dataset"]["rowsRead"] == 8
+    assert metadata["digest"] == result["digest"] and metadata["dataset"]["rowsRead"] == 8  # none of the stale
+    assert (staged_model / "config.json").read_bytes() == (tiny_model / "config.json").read_bytes()
+
+
+def test_a_model_folder_without_config_json_is_refused_naming_the_uri(s3, tmp_path, tiny_model):
+    from ragtune_workloads.finetune.engine import resolve_model_source
+    from ragtune_workloads.finetune.errors import ModelNotFoundError
+
+    bucket = s3.new_bucket()
+    s3.put(bucket, {"models/tiny/weights/model.safetensors": b"not a model"})
+    config = make_config(tmp_path, tmp_path / "scratch", {"source": "inline", "format": "instruction",
+                                                          "rows": ROWS["instruction"](4)},
+                         model={"name": "tiny-llama", "source": "s3",
+                                "s3": {"uri": f"s3://{bucket}/models/tiny", "endpoint": s3.endpoint}})
+    with pytest.raises(ModelNotFoundError, match=rf"^model\.s3\.uri s3://{bucket}/models/tiny holds no "
+                                                 r"config\.json: point it at the folder"):
+        resolve_model_source(config)
+    with pytest.raises(ModelNotFoundError, match=rf"^model\.s3\.uri s3://{bucket}/empty: no objects under that "
+                                                 r"folder"):
+        resolve_model_source(config.model_copy(update={"spec": config.spec.model_copy(update={
+            "model": config.spec.model.model_copy(update={"s3": config.spec.model.s3.model_copy(
+                update={"uri": f"s3://{bucket}/empty"})})})}))
 
 
 def test_a_missing_output_bucket_is_refused_before_training(s3, tmp_path, tiny_model):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -185,6 +186,24 @@ def download_folder(uri: str, endpoint: str | None, target: Path, field: str,
             copied += 1
     log.info("%s: copied %d of %d objects under %s", field, copied, listed, uri)
     return listed, copied
+
+
+STAGED_MARKER = ".ragtune-staged"
+
+
+def stage_folder(uri: str, endpoint: str | None, target: Path, field: str) -> Path:
+    """Every object under the folder `uri`, copied into `target` once: a marker naming the uri is written last, so
+    a restarted pod reuses a complete copy and redoes an interrupted one from scratch. Returns `target`."""
+    marker = target / STAGED_MARKER
+    if marker.is_file() and marker.read_text() == uri:
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    listed, copied = download_folder(uri, endpoint, target, field, lambda path: True)
+    if not copied:
+        raise S3LocationError(f"{field}.uri {uri}: no objects under that folder; upload the files there or "
+                              f"correct {field}.uri")
+    marker.write_text(uri)
+    return target
 
 
 def download(client: Minio, bucket: str, key: str, destination: Path) -> None:

@@ -12,6 +12,7 @@ COMPONENT = "finetune"
 OUTPUT_MOUNT = "/output"
 DATA_MOUNT = "/data"
 MODEL_MOUNT = "/model"
+MODEL_STAGING = "/tmp/ragtune-model"
 
 
 def names(owner: OwnerInfo) -> dict[str, str]:
@@ -25,13 +26,12 @@ def workload_config(owner: OwnerInfo, spec: FineTuneJobSpec) -> FineTuneConfig:
         dataset_path = f"{DATA_MOUNT}/{key}" if key else DATA_MOUNT
     elif spec.dataset.source == "pvc":
         dataset_path = f"{DATA_MOUNT}/{spec.dataset.pvc.path.lstrip('/')}".rstrip("/")
-    elif spec.dataset.source == "s3":
-        dataset_path = "/tmp/ragtune-data"
+    # dataset.s3: no path; the workload copies the rows onto the output volume (`.dataset`) itself
     model_path = None
     if spec.model.source == "pvc":
         model_path = f"{MODEL_MOUNT}/{spec.model.pvc.path.lstrip('/')}".rstrip("/")
     elif spec.model.source == "s3":
-        model_path = "/tmp/ragtune-model"
+        model_path = MODEL_STAGING  # where the workload copies the model to, on the pod's scratch volume
     output_path = OUTPUT_MOUNT
     if spec.output.pvc and spec.output.pvc.path:
         output_path = f"{OUTPUT_MOUNT}/{spec.output.pvc.path.strip('/')}"

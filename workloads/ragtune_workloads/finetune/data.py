@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,9 @@ def read_inline_rows(rows: Iterable[Any]) -> Iterator[RawRow]:
 
 def stage_s3_prefix(uri: str, endpoint: str | None, dest: Path) -> Path:
     """Copies the .json/.jsonl objects under the s3:// folder to `dest`, keeping their layout; credentials come
-    from the environment the operator sets from dataset.s3.credentialsSecret."""
+    from the environment the operator sets from dataset.s3.credentialsSecret. Whatever an earlier run staged there
+    goes first: the rows are the folder's as they are now."""
+    shutil.rmtree(dest, ignore_errors=True)
     try:
         listed, copied = download_folder(uri, endpoint, dest, "dataset.s3", lambda path: path.endswith(ROW_SUFFIXES))
     except S3LocationError as exc:
