@@ -195,6 +195,19 @@ def test_a_cpu_engine_sizes_its_threads_to_the_cpu_request_without_pinning(cpu, 
         assert env["RAY_worker_niceness"] == "0"  # the serving replicas not below Ray's own services
 
 
+def test_an_endpoint_on_a_milvus_server_index_gets_the_index_token():
+    spec = HybridEndpointSpec.model_validate(HEP)
+    on_server = endpoint.ResolvedIndex(**{**INDEX.__dict__, "store_uri": "http://milvus:19530", "claim_name": None,
+                                          "token_secret": ("milvus", "token")})
+    for runtime, kind in (("deployment", "Deployment"), ("rayservice", "RayService")):
+        for index_, expected in ((on_server, [{"secretKeyRef": {"name": "milvus", "key": "token"}}]), (INDEX, [])):
+            objs = by_kind(endpoint.build(body("HybridEndpoint"), spec, runtime, ADAPTER, index_))
+            template = objs[kind]["spec"]["template"] if kind == "Deployment" else \
+                objs[kind]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+            env = template["spec"]["containers"][0]["env"]
+            assert [e["valueFrom"] for e in env if e["name"] == "MILVUS_TOKEN"] == expected
+
+
 def test_a_gpu_engine_leaves_thread_placement_to_vllm():
     spec = HybridEndpointSpec.model_validate({**HEP, "resources": {"gpu": 1}})
     container = by_kind(endpoint.build(body("HybridEndpoint"), spec, "deployment", ADAPTER, INDEX))["Deployment"][

@@ -552,7 +552,7 @@ def test_cli_success_reports_progress_and_result(tmp_path, model_path):
     ("model", "embedding model 'sentence-transformers/all-MiniLM-L6-v2' not found"),
     ("documents", "no documents could be loaded (1 skipped: inline/empty.txt: empty file)"),
     ("store", "is not writable"),
-    ("server", "Milvus at http://127.0.0.1:1 is unreachable"),
+    ("server", "Milvus at http://127.0.0.1:1 is unreachable or refused the connection (without a token)"),
 ])
 def test_cli_failures_exit_non_zero_with_one_line_reason(tmp_path, model_path, case, expected):
     store = tmp_path / "store"
@@ -607,6 +607,48 @@ def test_server_layout_moves_the_alias_between_collection_versions(tmp_path):
         assert store.versions() == [2, 3] and store.active().version == 3
     finally:
         client.close()
+
+
+@pytest.fixture
+def refusing_milvus():
+    """A gRPC server on loopback that refuses every call as a Milvus server refuses a bad token, and records the
+    metadata each call came with: what a Milvus server would have been sent."""
+    from concurrent import futures
+
+    import grpc
+
+    calls: list[dict[str, str]] = []
+
+    class Refuse(grpc.GenericRpcHandler):
+        def service(self, details):
+            calls.append({"method": details.method, **dict(details.invocation_metadata)})
+
+            def refuse(request, context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "auth check failure")
+            return grpc.unary_unary_rpc_method_handler(refuse)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[Refuse()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"http://127.0.0.1:{port}", calls
+    server.stop(None)
+
+
+def test_the_index_run_and_the_endpoint_send_the_token_from_the_environment(refusing_milvus, monkeypatch, embedder):
+    """The operator sets MILVUS_TOKEN from store.tokenSecret in both the index Job and the endpoint's pods."""
+    import base64
+
+    from ragtune_workloads.index.store import StoreError, open_store
+
+    uri, calls = refusing_milvus
+    monkeypatch.setenv("MILVUS_TOKEN", "root:s3cret")
+    with pytest.raises(StoreError, match=rf"^Milvus at {uri} is unreachable or refused the connection \(with a "
+                                         r"token\): .*; check store\.uri, and that store\.tokenSecret holds"):
+        open_store(uri, "docs")
+    with pytest.raises(Exception):
+        Retriever(uri, "docs", embedder)
+    sent = [base64.b64decode(call["authorization"]).decode() for call in calls if "authorization" in call]
+    assert len(calls) >= 2 and sent == ["root:s3cret"] * len(calls)
 
 
 def test_a_second_index_run_on_the_same_store_is_refused_while_one_runs(tmp_path):

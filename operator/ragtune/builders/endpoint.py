@@ -47,6 +47,7 @@ class ResolvedIndex:
     query_prefix: str = ""
     embedding_claim: str | None = None   # the volume holding the embedding model, when the index loads it from a PVC
     embedding_path: str = ""
+    token_secret: tuple[str, str] | None = None  # (Secret, key) of a Milvus server's token
 
 
 def names(owner: OwnerInfo) -> dict[str, str]:
@@ -136,11 +137,19 @@ def cpu_threads_env(cpu: str) -> list[dict[str, str]]:
             {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": "nobind"}]
 
 
-def serve_container(spec: HybridEndpointSpec, mounts: list[dict], command: list[str] | None) -> dict[str, Any]:
+def workload_env(index: ResolvedIndex | None) -> list[dict[str, Any]]:
+    """What the serving workload reads from Secrets: a Milvus server's token."""
+    if index is not None and index.token_secret:
+        return [common.secret_env("MILVUS_TOKEN", *index.token_secret)]
+    return []
+
+
+def serve_container(spec: HybridEndpointSpec, mounts: list[dict], command: list[str] | None,
+                    env: list[dict[str, Any]]) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": "serve",
         "image": image(spec),
-        "env": common.pod_env() + [{"name": "HF_HOME", "value": "/tmp/hf"},
+        "env": common.pod_env() + env + [{"name": "HF_HOME", "value": "/tmp/hf"},
                                    {"name": "RAY_AUTH_MODE", "value": "disabled"},
                                    # Ray's workers (the replicas serving requests, vLLM's engine) at the default
                                    # priority instead of Ray's niceness 15 below its own services.
@@ -172,16 +181,17 @@ def build(body: dict[str, Any], spec: HybridEndpointSpec, runtime: str, adapter:
     config = common.config_map(n["config"], owner, COMPONENT, workload_config(owner, spec, adapter, index))
     config_digest = common.digest(config["data"])
     volumes, mounts = _volumes(spec, n["config"], adapter, index)
+    env = workload_env(index)
     children = [config]
     if runtime == "rayservice":
-        children.append(rayservice(owner, spec, n, labels, volumes, mounts, config_digest))
+        children.append(rayservice(owner, spec, n, labels, volumes, mounts, config_digest, env))
     else:
-        children.append(deployment(owner, spec, n, labels, volumes, mounts, config_digest))
+        children.append(deployment(owner, spec, n, labels, volumes, mounts, config_digest, env))
     children.append(service(owner, spec, n, labels, runtime))
     return children
 
 
-def deployment(owner, spec, n, labels, volumes, mounts, config_digest) -> dict[str, Any]:
+def deployment(owner, spec, n, labels, volumes, mounts, config_digest, env) -> dict[str, Any]:
     command = ["python", "-m", "ragtune_workloads.serve", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}",
                "--port", str(spec.port)]
     selector = {"app.kubernetes.io/instance": owner.name, "app.kubernetes.io/name": COMPONENT}
@@ -198,7 +208,7 @@ def deployment(owner, spec, n, labels, volumes, mounts, config_digest) -> dict[s
                 "spec": {
                     "serviceAccountName": common.WORKLOAD_SERVICE_ACCOUNT,
                     "securityContext": common.restricted_pod_security(),
-                    "containers": [serve_container(spec, mounts, command)],
+                    "containers": [serve_container(spec, mounts, command, env)],
                     "volumes": volumes,
                     **common.placement(spec.resources),
                 },
@@ -226,8 +236,8 @@ def serve_config_v2(owner: OwnerInfo, spec: HybridEndpointSpec) -> str:
     return yaml.safe_dump({"applications": [app]}, sort_keys=False)
 
 
-def rayservice(owner, spec, n, labels, volumes, mounts, config_digest) -> dict[str, Any]:
-    container = serve_container(spec, mounts, None)
+def rayservice(owner, spec, n, labels, volumes, mounts, config_digest, env) -> dict[str, Any]:
+    container = serve_container(spec, mounts, None, env)
     container["ports"] = [{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
                           {"name": "serve", "containerPort": 8000}]
     # Probes of our own: KubeRay only injects its defaults (wget exec probes) where a container has none, and the

@@ -124,6 +124,8 @@ def resolve_index(spec: HybridEndpointSpec, namespace: str) -> builder.ResolvedI
         embedding_claim=vspec.embedding.pvc.claim_name if vspec.embedding.source == "pvc" and vspec.embedding.pvc
         else None,
         embedding_path=vspec.embedding.pvc.path if vspec.embedding.source == "pvc" and vspec.embedding.pvc else "",
+        token_secret=(vspec.store.token_secret.name, vspec.store.token_secret.key)
+        if vspec.store.token_secret and not claim else None,
         sub_path=index_builder.store_uri(owner, vspec).removeprefix(index_builder.STORE_MOUNT).strip("/") if claim
         else "")
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .embedding import Embedder, ModelRef
-from .store import POINTER_FILE, VersionInfo, collection_info, is_server_uri, read_pointer
+from .store import POINTER_FILE, VersionInfo, collection_info, is_server_uri, read_pointer, server_token
 
 log = logging.getLogger(__name__)
 COPY_ATTEMPTS = 5
@@ -259,7 +259,7 @@ class Retriever:
         if is_server_uri(store_uri):
             from pymilvus import MilvusClient
 
-            self._server_client = MilvusClient(uri=store_uri, token=token or "")
+            self._server_client = MilvusClient(uri=store_uri, token=server_token(token))
         else:
             self._store_dir = Path(store_uri) / collection
             self._scratch = Path(tempfile.mkdtemp(prefix="ragtune-retrieval-", dir=scratch_dir))

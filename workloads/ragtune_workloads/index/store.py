@@ -322,13 +322,23 @@ def collection_info(client, collection: str) -> VersionInfo | None:
     return VersionInfo.from_dict(json.loads(raw)) if raw else None
 
 
+def server_token(token: str | None = None) -> str:
+    """The token for a Milvus server: the one given, else MILVUS_TOKEN (the operator sets it from
+    store.tokenSecret), else none."""
+    return token or os.environ.get("MILVUS_TOKEN") or ""
+
+
 def open_store(uri: str, alias: str, token: str | None = None) -> LiteStore | ServerStore:
     if not is_server_uri(uri):
         return LiteStore(uri, alias)
     from pymilvus import MilvusClient
 
+    token = server_token(token)
     try:
-        client = MilvusClient(uri=uri, token=token or "", timeout=10)
-    except Exception as exc:
-        raise StoreError(f"Milvus at {uri} is unreachable: {type(exc).__name__}: {exc}") from None
+        client = MilvusClient(uri=uri, token=token, timeout=10)
+    except Exception as exc:  # pymilvus reports a refused token and a server that is not there alike
+        fix = ("check store.uri, and that store.tokenSecret holds a valid user:password or API key" if token else
+               "check store.uri, and set store.tokenSecret if the server requires authentication")
+        raise StoreError(f"Milvus at {uri} is unreachable or refused the connection "
+                         f"({'with' if token else 'without'} a token): {type(exc).__name__}: {exc}; {fix}") from None
     return ServerStore(client, alias)
