@@ -208,6 +208,26 @@ def test_an_endpoint_on_a_milvus_server_index_gets_the_index_token():
             assert [e["valueFrom"] for e in env if e["name"] == "MILVUS_TOKEN"] == expected
 
 
+def test_an_endpoint_copies_a_model_and_adapter_in_s3_with_their_credentials():
+    spec = HybridEndpointSpec.model_validate({**HEP, "model": {**HEP["model"], "source": "s3", "s3": {
+        "uri": "s3://models/base-m", "endpoint": "http://minio:9000", "credentialsSecret": "model-s3"}}})
+    in_s3 = endpoint.ResolvedAdapter(name="ft", uri="s3://adapters/ft/adapter", digest="sha256:abc",
+                                     base_model="base/m", s3_endpoint="http://minio:9000",
+                                     s3_credentials_secret="adapter-s3")
+    objs = by_kind(endpoint.build(body("HybridEndpoint"), spec, "deployment", in_s3, INDEX))
+    config = ServeConfig.model_validate_json(objs["ConfigMap"]["data"]["config.json"])
+    assert config.model_path == endpoint.MODEL_STAGING
+    assert (config.adapter.path, config.adapter.s3_endpoint) == ("s3://adapters/ft/adapter", "http://minio:9000")
+    env = {e["name"]: e for e in objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # one environment holds one set of credentials: the model's (the same Secret serves both in practice)
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "model-s3"
+    mounts = objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert "/tmp" in {m["mountPath"] for m in mounts} and "/adapters" not in {m["mountPath"] for m in mounts}
+    plain = by_kind(endpoint.build(body("HybridEndpoint"), HybridEndpointSpec.model_validate(HEP), "deployment",
+                                   in_s3, INDEX))["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in plain if e["name"].startswith("AWS_")} == {"adapter-s3"}
+
+
 def test_a_gpu_engine_leaves_thread_placement_to_vllm():
     spec = HybridEndpointSpec.model_validate({**HEP, "resources": {"gpu": 1}})
     container = by_kind(endpoint.build(body("HybridEndpoint"), spec, "deployment", ADAPTER, INDEX))["Deployment"][

@@ -278,3 +278,52 @@ def test_an_endpoint_nothing_listens_on_is_named_in_the_failure(s3, tmp_path):
     with pytest.raises(S3LocationError, match=rf"^sources\[0\]\.s3: cannot reach {endpoint}: .*refused.*; check "
                                               r"sources\[0\]\.s3\.endpoint"):
         load_sources([source], [str(tmp_path / "staging")], ALL_FORMATS)
+
+
+# ---------------------------------------------------------------- an endpoint's model and adapter
+
+def test_an_endpoint_serves_its_model_and_a_fine_tuned_adapter_from_s3(s3, tmp_path, monkeypatch):
+    """The base model (model.s3) and a FineTuneJob's adapter uploaded to output.s3 are copied into the pod, the
+    adapter checked against its digest, and the adapter answers; a changed adapter is refused."""
+    import asyncio
+
+    import serve_fixtures as fx
+    from ragtune.api.workload import ServeConfig
+    from ragtune_workloads.serve import config as serve_config
+    from ragtune_workloads.serve.app import Generation
+    from ragtune_workloads.serve.config import ConfigError, stage_files
+
+    model, adapter = fx.tiny_model_path(), fx.adapter_path()
+    bucket = s3.new_bucket()
+    put_folder(s3, bucket, "models/tiny", model)
+    put_folder(s3, bucket, "adapters/ft/adapter", adapter)
+    monkeypatch.setattr(serve_config, "ADAPTER_STAGING", str(tmp_path / "scratch" / "adapters"))
+    raw = json.loads(fx.serve_config(tmp_path / "serve.json", name="ep", mode="finetuned", model=model,
+                                     adapter=adapter, store=None, engine="transformers").read_text())
+    raw["spec"]["model"].update(source="s3", s3={"uri": f"s3://{bucket}/models/tiny", "endpoint": s3.endpoint})
+    raw["modelPath"] = str(tmp_path / "scratch" / "model")
+    raw["adapter"] = {"name": "ft", "path": f"s3://{bucket}/adapters/ft/adapter", "baseModel": "tiny-llama",
+                      "digest": artifacts.tree_digest(adapter), "s3Endpoint": s3.endpoint}
+    config = ServeConfig.model_validate(raw)
+
+    staged = stage_files(config)
+    assert staged.model_path == raw["modelPath"] and staged.adapter.path == str(tmp_path / "scratch/adapters/ft")
+    generation = Generation(config)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(staged.model_path)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is a boundary layer?"}],
+                                               add_generation_prompt=True, tokenize=True, return_dict=False)
+        params = {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "stop": (), "seed": None,
+                  "presence_penalty": 0.0, "frequency_penalty": 0.0}
+        answer = asyncio.run(generation.generate(list(prompt), params, True))
+        assert fx.speaks_like_adapter(answer["text"]), answer
+    finally:
+        generation.engine.close()
+
+    s3.put(bucket, {"adapters/ft2/adapter/adapter_config.json": b"{}"})
+    changed = config.model_copy(update={"adapter": config.adapter.model_copy(
+        update={"name": "ft2", "path": f"s3://{bucket}/adapters/ft2/adapter"})})
+    with pytest.raises(ConfigError, match=r"^adapter ft2 at .* has digest sha256:\w+, expected "):
+        Generation(changed)

@@ -8,6 +8,7 @@ bucket's region; unset, the client asks the server for it.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -188,21 +189,22 @@ def download_folder(uri: str, endpoint: str | None, target: Path, field: str,
     return listed, copied
 
 
-STAGED_MARKER = ".ragtune-staged"
-
-
 def stage_folder(uri: str, endpoint: str | None, target: Path, field: str) -> Path:
     """Every object under the folder `uri`, copied into `target` once: a marker naming the uri is written last, so
-    a restarted pod reuses a complete copy and redoes an interrupted one from scratch. Returns `target`."""
-    marker = target / STAGED_MARKER
-    if marker.is_file() and marker.read_text() == uri:
-        return target
-    shutil.rmtree(target, ignore_errors=True)
-    listed, copied = download_folder(uri, endpoint, target, field, lambda path: True)
-    if not copied:
-        raise S3LocationError(f"{field}.uri {uri}: no objects under that folder; upload the files there or "
-                              f"correct {field}.uri")
-    marker.write_text(uri)
+    a restarted pod reuses a complete copy and redoes an interrupted one from scratch; processes of one pod that
+    need the same files wait for the first one's copy. Returns `target`."""
+    marker = target.parent / f".{target.name}.staged"  # beside the copy: its digest covers what was copied only
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent / f".{target.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file() and marker.read_text() == uri:
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        listed, copied = download_folder(uri, endpoint, target, field, lambda path: True)
+        if not copied:
+            raise S3LocationError(f"{field}.uri {uri}: no objects under that folder; upload the files there or "
+                                  f"correct {field}.uri")
+        marker.write_text(uri)
     return target
 
 

@@ -57,9 +57,11 @@ class IndexConfig(ApiModel):
 
 class AdapterRef(ApiModel):
     name: str
-    path: str
+    path: str = Field(description="A directory in the pod, file://, hf://<id>, or s3://bucket/folder (copied into "
+                      "the pod when it starts).")
     digest: str | None = None
     base_model: str | None = None
+    s3_endpoint: str | None = Field(default=None, description="The S3 endpoint of an s3:// path; AWS when empty.")
 
 
 class RetrievalTarget(ApiModel):

@@ -18,6 +18,7 @@ SHM_SIZE = "1Gi"
 ADAPTER_MOUNT = "/adapters"
 STORE_MOUNT = "/store"
 MODEL_MOUNT = "/model"
+MODEL_STAGING = "/tmp/ragtune-model"
 RAY_VERSION = "2.60.0"
 SERVE_IMPORT_PATH = "ragtune_workloads.serve.app:build_app"
 EMBEDDING_MOUNT = "/embedding-model"
@@ -33,6 +34,8 @@ class ResolvedAdapter:
     base_model: str | None
     claim_name: str | None = None   # the volume that holds it, when it lives on a PVC
     sub_path: str = ""
+    s3_endpoint: str | None = None   # where an s3:// adapter lives, and the Secret with its credentials
+    s3_credentials_secret: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ def workload_config(owner: OwnerInfo, spec: HybridEndpointSpec, adapter: Resolve
         path = adapter.uri
         if adapter.claim_name:
             path = f"{ADAPTER_MOUNT}/{adapter.name}/{adapter.sub_path}".rstrip("/")
-        adapter_ref = AdapterRef(name=adapter.name, path=path, digest=adapter.digest, base_model=adapter.base_model)
+        adapter_ref = AdapterRef(name=adapter.name, path=path, digest=adapter.digest, base_model=adapter.base_model,
+                                 s3_endpoint=adapter.s3_endpoint if path.startswith("s3://") else None)
     retrieval = None
     if index:
         uri = index.store_uri
@@ -82,6 +86,8 @@ def workload_config(owner: OwnerInfo, spec: HybridEndpointSpec, adapter: Resolve
     model_path = None
     if spec.model.source == "pvc" and spec.model.pvc:
         model_path = f"{MODEL_MOUNT}/{spec.model.pvc.path.lstrip('/')}".rstrip("/")
+    elif spec.model.source == "s3":
+        model_path = MODEL_STAGING  # where the workload copies the model to, on the pod's scratch volume
     api_key_file = "/var/run/ragtune/api-key/api-key" if spec.api_key_secret else None
     return ServeConfig(owner=owner, spec=spec, model_path=model_path, adapter=adapter_ref, retrieval=retrieval,
                        api_key_file=api_key_file)
@@ -137,11 +143,18 @@ def cpu_threads_env(cpu: str) -> list[dict[str, str]]:
             {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": "nobind"}]
 
 
-def workload_env(index: ResolvedIndex | None) -> list[dict[str, Any]]:
-    """What the serving workload reads from Secrets: a Milvus server's token."""
+def workload_env(spec: HybridEndpointSpec, adapter: ResolvedAdapter | None,
+                 index: ResolvedIndex | None) -> list[dict[str, Any]]:
+    """What the serving workload reads from Secrets: S3 credentials for a model or adapter in S3 (the model's
+    first: one environment holds one set), a Milvus server's token."""
+    env = []
+    if spec.model.source == "s3" and spec.model.s3:
+        env += common.s3_env(spec.model.s3.credentials_secret, None)
+    if adapter is not None and adapter.uri.startswith("s3://") and not adapter.claim_name:
+        env += common.s3_env(adapter.s3_credentials_secret, None)
     if index is not None and index.token_secret:
-        return [common.secret_env("MILVUS_TOKEN", *index.token_secret)]
-    return []
+        env.append(common.secret_env("MILVUS_TOKEN", *index.token_secret))
+    return common.unique_env(env)
 
 
 def serve_container(spec: HybridEndpointSpec, mounts: list[dict], command: list[str] | None,
@@ -181,7 +194,7 @@ def build(body: dict[str, Any], spec: HybridEndpointSpec, runtime: str, adapter:
     config = common.config_map(n["config"], owner, COMPONENT, workload_config(owner, spec, adapter, index))
     config_digest = common.digest(config["data"])
     volumes, mounts = _volumes(spec, n["config"], adapter, index)
-    env = workload_env(index)
+    env = workload_env(spec, adapter, index)
     children = [config]
     if runtime == "rayservice":
         children.append(rayservice(owner, spec, n, labels, volumes, mounts, config_digest, env))

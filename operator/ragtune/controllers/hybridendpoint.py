@@ -63,7 +63,11 @@ def resolve_adapter(spec: HybridEndpointSpec, namespace: str) -> builder.Resolve
         return None
     adapter = spec.model.adapter
     if adapter.uri:
-        return builder.ResolvedAdapter(name="adapter", uri=adapter.uri, digest=None, base_model=spec.model.name)
+        # an adapter URI in S3 is read with the model's S3 endpoint and credentials, where the model is in S3 too
+        model_s3 = spec.model.s3 if spec.model.source == "s3" else None
+        return builder.ResolvedAdapter(name="adapter", uri=adapter.uri, digest=None, base_model=spec.model.name,
+                                       s3_endpoint=model_s3.endpoint if model_s3 else None,
+                                       s3_credentials_secret=model_s3.credentials_secret if model_s3 else None)
     ref = adapter.fine_tune_job_ref.name
     ftj = lookup("FineTuneJob", "finetunejobs", namespace, ref)
     if ftj is None:
@@ -92,9 +96,11 @@ def resolve_adapter(spec: HybridEndpointSpec, namespace: str) -> builder.Resolve
         sub_path = finetune_builder.workload_config(owner, ftj_spec).output_path.removeprefix(
             finetune_builder.OUTPUT_MOUNT).strip("/")
         sub_path = f"{sub_path}/adapter".strip("/")
+    output_s3 = ftj_spec.output.s3
     return builder.ResolvedAdapter(name=ref, uri=artifact.get("uri") or finetune_builder.artifact_uri(owner, ftj_spec),
                                    digest=artifact["digest"], base_model=ftj_spec.model.name, claim_name=claim,
-                                   sub_path=sub_path)
+                                   sub_path=sub_path, s3_endpoint=output_s3.endpoint if output_s3 else None,
+                                   s3_credentials_secret=output_s3.credentials_secret if output_s3 else None)
 
 
 def resolve_index(spec: HybridEndpointSpec, namespace: str) -> builder.ResolvedIndex | None:

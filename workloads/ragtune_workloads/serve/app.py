@@ -27,7 +27,7 @@ from . import openai_api as api
 from .answer import Answerer, Plan
 from .auth import ApiKey
 from .config import (endpoint_settings, engine_settings, load_config, model_context_length, parse_config,
-                     verify_adapter)
+                     stage_files, verify_adapter)
 from .engines import GenerationParams, choose_engine, create_engine, vllm_available
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .retriever import QueryBatcher, RetrievalService
@@ -66,6 +66,7 @@ class Generation:
     """The engine with the adapter checked, answering in plain dicts (what crosses a deployment boundary)."""
 
     def __init__(self, config: ServeConfig):
+        config = stage_files(config)
         verify_adapter(config)
         settings = endpoint_settings(config)
         context_length = model_context_length(settings.base_model, config.spec.engine.max_model_len)
@@ -184,7 +185,7 @@ class Ingress:
                  retriever: DeploymentHandle | None = None):
         from transformers import AutoTokenizer
 
-        serve_config: ServeConfig = parse_config(config)
+        serve_config: ServeConfig = stage_files(parse_config(config))  # the tokenizer is the model's
         colocated = generator is None
         self.settings = endpoint_settings(serve_config)
         self.context_length = model_context_length(self.settings.base_model, serve_config.spec.engine.max_model_len)

@@ -89,6 +89,34 @@ def model_context_length(model: str, configured: int) -> int:
     return min(configured, trained) if trained else configured
 
 
+# Where files in S3 are copied to when the config names no directory for them (the pod's scratch volume).
+MODEL_STAGING = "/tmp/ragtune-model"
+ADAPTER_STAGING = "/tmp/ragtune-adapters"
+
+
+def stage_files(config: ServeConfig) -> ServeConfig:
+    """The config with a base model or adapter in S3 copied into the pod and named by its local directory. Each
+    process that loads them calls this; the copy is made once per pod (`stage_folder`)."""
+    from ragtune_workloads.s3 import S3LocationError, stage_folder
+
+    model, adapter, update = config.spec.model, config.adapter, {}
+    try:
+        if model.source == "s3" and model.s3 is not None:
+            path = Path(config.model_path or MODEL_STAGING)
+            stage_folder(model.s3.uri, model.s3.endpoint, path, "model.s3")
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"model.s3.uri {model.s3.uri} holds no config.json: point it at the folder with "
+                                  "the model's config.json and weights")
+            update["model_path"] = str(path)
+        if adapter is not None and adapter.path.startswith("s3://"):
+            path = Path(ADAPTER_STAGING) / adapter.name
+            stage_folder(adapter.path, adapter.s3_endpoint, path, "model.adapter")
+            update["adapter"] = adapter.model_copy(update={"path": str(path)})
+    except S3LocationError as exc:
+        raise ConfigError(str(exc)) from None
+    return config.model_copy(update=update) if update else config
+
+
 def verify_adapter(config: ServeConfig) -> None:
     """A FineTuneJob adapter comes with the digest of its files: serve exactly that adapter or refuse to start."""
     adapter = config.adapter
