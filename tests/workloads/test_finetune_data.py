@@ -86,6 +86,20 @@ def test_bad_jsonl_row_is_refused_with_its_line_number(tmp_path):
     assert "onBadRow: skip" in str(caught.value)
 
 
+def test_rows_keep_unicode_line_separators_and_a_byte_order_mark_is_no_row(tmp_path):
+    rows = ROWS["instruction"](3)
+    rows[1]["output"] = "first paragraph\u2028second\u2029third\u0085end"  # JSON allows these unescaped
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\r\n" for row in rows)
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as some editors save it
+    loaded = load(dataset_spec(), path)
+    assert loaded.rows_read == 3 and not loaded.skipped
+    assert sorted(e.completion for e in loaded.examples) == sorted(r["output"] for r in rows)
+    array = tmp_path / "rows.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, ensure_ascii=False).encode())
+    assert load(dataset_spec(), array).rows_read == 3  # read as an array, not as JSON Lines
+
+
 def test_bad_json_array_row_is_refused_with_its_line_number(tmp_path):
     rows = ROWS["prompt-completion"](6)
     rows[4]["completion"] = 9  # a number where text is expected

@@ -735,3 +735,17 @@ def test_the_embedded_reader_answers_exactly_as_pymilvus_does(tmp_path, metric, 
     reader = LiteReader(tmp_path / "copy.db", info.collection)
     reader.close()  # while its rows may still be read: the read ends, nothing is left waiting
     assert reader.memory_loaded.wait(30)
+
+
+def test_a_damaged_vector_cache_costs_a_re_embedding_not_the_run(tmp_path):
+    """A node that died while the cache was written leaves a truncated file; the next run starts afresh."""
+    from ragtune_workloads.index.state import CACHE_FILE, VectorCache
+
+    cache = VectorCache("fp")
+    keys = [bytes([1]) * 32, bytes([2]) * 32]
+    cache.save(tmp_path, keys, np.ones((2, 4), dtype=np.float32))
+    assert set(VectorCache.load(tmp_path, "fp").vectors) == set(keys)
+    whole = (tmp_path / CACHE_FILE).read_bytes()
+    for damaged in (whole[: len(whole) // 2], whole[:10], b""):
+        (tmp_path / CACHE_FILE).write_bytes(damaged)
+        assert VectorCache.load(tmp_path, "fp").vectors == {}

@@ -136,7 +136,9 @@ def parse_json_array(text: str, name: str) -> Iterator[RawRow]:
 
 
 def parse_json_lines(text: str, name: str) -> Iterator[RawRow]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n (and \r\n) only: str.splitlines() would also break rows at U+2028, U+2029 and U+0085, which
+    # JSON strings may hold unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         location = f"{name} line {number}"
@@ -149,7 +151,7 @@ def parse_json_lines(text: str, name: str) -> Iterator[RawRow]:
 def read_file_rows(path: Path, display_name: str | None = None) -> Iterator[RawRow]:
     name = display_name or path.name
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not row 1's
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     # A .json file is an array; one that does not start with '[' is taken as JSON Lines, a common mislabelling.

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,8 @@ class VectorCache:
                 if str(data["fingerprint"]) != fingerprint:
                     return cls(fingerprint)
                 keys, vectors = data["keys"], data["vectors"]
-        except (FileNotFoundError, KeyError, ValueError, OSError):
+        except (FileNotFoundError, KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile):
+            # missing or damaged (a node that died mid-write): losing it costs a re-embedding, nothing more
             return cls(fingerprint)
         return cls(fingerprint, {key.tobytes(): vector for key, vector in zip(keys, vectors)})
 
@@ -56,6 +58,8 @@ class VectorCache:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".vectors.", suffix=".npz", delete=False) as tmp:
             np.savez(tmp, fingerprint=np.array(self.fingerprint), keys=keys_array(keys),
                      vectors=vectors.astype(np.float32))
+            tmp.flush()
+            os.fsync(tmp.fileno())
         os.replace(tmp.name, directory / CACHE_FILE)
 
 
