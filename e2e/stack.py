@@ -93,6 +93,8 @@ class Kind:
                 value = check()
                 if value:
                     return value
+            except AssertionError:  # a check that saw a terminal failure ends the wait at once
+                raise
             except Exception as exc:  # a transient API error is retried until the deadline
                 last_error = exc
             time.sleep(interval)
@@ -228,14 +230,15 @@ def condition(obj: dict | None, type_: str) -> dict | None:
 
 
 def wait_ready(kind: Kind, kind_name: str, name: str, namespace: str, timeout: float) -> dict:
-    """Waits for Ready=True; a Failed phase or Ready=False with a terminal reason ends the wait at once."""
+    """Waits for Ready=True; a Failed phase or a Failed condition ends the wait at once."""
     def check():
         obj = kind.get(f"{kind_name}.ragtune.io", name, namespace)
         ready = condition(obj, "Ready")
         if ready and ready.get("status") == "True":
             return obj
         phase = ((obj or {}).get("status") or {}).get("phase")
-        if phase == "Failed":
+        failed = condition(obj, "Failed")
+        if phase == "Failed" or (failed and failed.get("status") == "True"):
             raise AssertionError(f"{kind_name}/{name} failed: {json.dumps(obj.get('status'), indent=1)}")
         return None
 
