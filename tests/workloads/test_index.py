@@ -749,3 +749,23 @@ def test_a_damaged_vector_cache_costs_a_re_embedding_not_the_run(tmp_path):
     for damaged in (whole[: len(whole) // 2], whole[:10], b""):
         (tmp_path / CACHE_FILE).write_bytes(damaged)
         assert VectorCache.load(tmp_path, "fp").vectors == {}
+
+
+def test_pruning_keeps_complete_versions_and_drops_what_a_crash_left(tmp_path):
+    from ragtune_workloads.index.store import VERSION_FILE, LiteStore, VersionInfo, atomic_write_json
+
+    store = LiteStore(tmp_path, "docs")
+
+    def version(number: int, complete: bool) -> VersionInfo:
+        info = VersionInfo(alias="docs", version=number, embedding_model="m", dimension=8, metric="COSINE",
+                           index_type="FLAT", chunks=1, documents=1, vectors_fingerprint="f", layout_fingerprint="l")
+        (tmp_path / "docs" / info.name).mkdir(parents=True)
+        if complete:
+            atomic_write_json(tmp_path / "docs" / info.name / VERSION_FILE, info.to_dict())
+        return info
+
+    version(1, True)
+    version(2, False)  # the run that wrote it died before finishing
+    store.publish(version(3, True))
+    assert store.prune(retain=2) == ["v2"]  # v1 is the version to go back to, and stays
+    assert store.versions() == [1, 3]

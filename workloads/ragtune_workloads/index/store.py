@@ -248,8 +248,11 @@ class LiteStore:
         active = self.active()
         if active is None:
             return []
-        keep = {v for v in self.versions() if v <= active.version}
-        keep = set(sorted(keep)[-retain:]) | {active.version}
+        # only complete versions (their version.json written last) count: one a crash left half-written is no
+        # version to go back to, and must not push a good one out
+        complete = [v for v in self.versions()
+                    if v <= active.version and (self.dir / f"v{v}" / VERSION_FILE).is_file()]
+        keep = set(complete[-retain:]) | {active.version}
         dropped = []
         for version in self.versions():
             if version in keep or version > active.version:
