@@ -44,6 +44,14 @@ DEPLOYED = "Deployed"
 MINIMUM_REPLICAS_UNAVAILABLE = "MinimumReplicasUnavailable"
 SCALED_TO_ZERO = "ScaledToZero"
 INVALID_SPEC = "InvalidSpec"
+RESULT_MISSING = "ResultMissing"
+AWAITING_RESULT = "AwaitingResult"
+# A pod that waits on something it cannot get by itself (its container's waiting reason, used as the condition's)
+IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+ERR_IMAGE_PULL = "ErrImagePull"
+INVALID_IMAGE_NAME = "InvalidImageName"
+CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
+CREATE_CONTAINER_ERROR = "CreateContainerError"
 
 
 def now() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 from . import conditions as c
@@ -75,6 +76,30 @@ def unschedulable(pods: list[dict]) -> str | None:
     return None
 
 
+# What a user must do about a pod stuck before its container starts; these states do not end by themselves.
+STUCK = {
+    c.IMAGE_PULL_BACK_OFF: "check spec.image (or the chart's image settings) and that the node can pull it",
+    c.ERR_IMAGE_PULL: "check spec.image (or the chart's image settings) and that the node can pull it",
+    c.INVALID_IMAGE_NAME: "correct spec.image (or the chart's image settings)",
+    c.CREATE_CONTAINER_CONFIG_ERROR: "a Secret or ConfigMap the pod reads is missing or lacks the key: create it or "
+                                     "correct the spec field naming it (credentialsSecret, tokenSecret, configMap)",
+    c.CREATE_CONTAINER_ERROR: "the container runtime refused the container: see the pod's events",
+}
+
+
+def stuck(pods: list[dict]) -> tuple[str, str] | None:
+    """(reason, message) of the newest pod's container that waits on something it cannot get by itself."""
+    pod = newest(pods)
+    status = (pod or {}).get("status") or {}
+    for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason in STUCK:
+            detail = (waiting.get("message") or "").strip()
+            return reason, f"pod {pod['metadata']['name']}: {detail or reason}; {STUCK[reason]}"
+    return None
+
+
 def progress_text(progress: dict[str, Any] | None, done_key: str, total_key: str) -> str | None:
     if not progress or not progress.get(total_key):
         return None
@@ -97,13 +122,44 @@ def job_run(job: dict | None, pods: list[dict]) -> tuple[str, str, str]:
     blocked = unschedulable(pods)
     if blocked:
         return "Pending", c.UNSCHEDULABLE, blocked
+    waiting = stuck(pods)
+    if waiting:
+        return "Pending", waiting[0], waiting[1]
     if (job.get("status") or {}).get("active") and any(
             (p.get("status") or {}).get("phase") == "Running" for p in pods):
         return "Running", c.JOB_RUNNING, "the workload is running"
     return "Pending", c.JOB_CREATED, "waiting for the workload's pod to start"
 
 
-def finetune(job: dict | None, pods: list[dict]) -> tuple[dict[str, Any], list[dict]]:
+# How long after its Job completed a run's report may still be on its way: the pod's annotation is written before
+# the workload exits, but the operator sees pods and Jobs through separate watches, and a busy API server or a
+# restarted operator delays either. A report missing after that long will not come: the run has failed.
+RESULT_GRACE_SECONDS = 300.0
+
+
+def seconds_since_completion(job: dict, now: datetime | None = None) -> float | None:
+    """Seconds since the Job completed (its completionTime, else its Complete condition's transition)."""
+    stamp = (job.get("status") or {}).get("completionTime") or (_job_condition(job, "Complete") or {}).get(
+        "lastTransitionTime")
+    if not stamp:
+        return None
+    try:
+        completed = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    return ((now or datetime.now(timezone.utc)) - completed).total_seconds()
+
+
+def awaiting_result(job: dict, now: datetime | None) -> bool:
+    elapsed = seconds_since_completion(job, now)
+    return elapsed is not None and elapsed < RESULT_GRACE_SECONDS
+
+
+RESULT_MISSING_FIX = ("see the pod's log and termination message; the workload reports by annotating its pod, "
+                      "which the ragtune-workload Role in the namespace must allow")
+
+
+def finetune(job: dict | None, pods: list[dict], now: datetime | None = None) -> tuple[dict[str, Any], list[dict]]:
     phase, reason, message = job_run(job, pods)
     status: dict[str, Any] = {"phase": phase}
     if job is not None:
@@ -130,11 +186,19 @@ def finetune(job: dict | None, pods: list[dict]) -> tuple[dict[str, Any], list[d
                       c.condition(c.PROMOTABLE, bool(promotable),
                                   c.EVALUATION_PASSED if promotable else c.EVALUATION_BELOW_THRESHOLD,
                                   _metrics_text(result.get("metrics") or {}))]
-        else:
-            conds += [c.condition(c.READY, False, "ResultMissing",
-                                  "the Job completed but the workload reported no artifact"),
-                      c.condition(c.SUCCEEDED, True, c.JOB_SUCCEEDED, "the Job completed")]
-        conds.append(c.condition(c.PROGRESSING, False, c.JOB_SUCCEEDED, "finished"))
+            conds.append(c.condition(c.PROGRESSING, False, c.JOB_SUCCEEDED, "finished"))
+        elif awaiting_result(job, now):
+            status["phase"] = "Running"
+            message = "the Job completed; waiting for the workload's report"
+            conds += [c.condition(c.READY, False, c.AWAITING_RESULT, message),
+                      c.condition(c.PROGRESSING, True, c.AWAITING_RESULT, message)]
+        else:  # nothing to serve, and waiting would not change that: a failure an endpoint can report
+            status["phase"] = "Failed"
+            message = "the Job completed but the workload reported no artifact; " + RESULT_MISSING_FIX
+            conds += [c.condition(c.READY, False, c.RESULT_MISSING, message),
+                      c.condition(c.SUCCEEDED, False, c.RESULT_MISSING, message),
+                      c.condition(c.FAILED, True, c.RESULT_MISSING, message),
+                      c.condition(c.PROGRESSING, False, c.RESULT_MISSING, message)]
     elif phase == "Failed":
         conds += [c.condition(c.READY, False, reason, message), c.condition(c.FAILED, True, reason, message),
                   c.condition(c.PROGRESSING, False, reason, message)]
@@ -147,7 +211,8 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in sorted(metrics.items()))
 
 
-def vectorindex(job: dict | None, pods: list[dict], previous: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
+def vectorindex(job: dict | None, pods: list[dict], previous: dict[str, Any],
+                now: datetime | None = None) -> tuple[dict[str, Any], list[dict]]:
     """`previous` is the current status: an active version from an earlier run keeps the index Ready while a new
     run builds, or when it fails (readers keep the old version)."""
     phase, reason, message = job_run(job, pods)
@@ -178,11 +243,22 @@ def vectorindex(job: dict | None, pods: list[dict], previous: dict[str, Any]) ->
                                   f"{result.get('chunks', '?')} chunks"),
                       c.condition(c.INDEXED, True, c.JOB_SUCCEEDED, f"{result.get('added', 0)} added, "
                                   f"{result.get('kept', 0)} kept, {result.get('removed', 0)} removed")]
+            conds += [c.condition(c.PROGRESSING, False, c.JOB_SUCCEEDED, "finished"),
+                      c.condition(c.FAILED, False, c.JOB_SUCCEEDED, "the last run succeeded")]
+        elif awaiting_result(job, now):
+            status["phase"] = "Running"
+            message = "the Job completed; waiting for the workload's report"
+            conds += [c.condition(c.READY, has_active, c.AWAITING_RESULT if not has_active else "Indexing",
+                                  message if not has_active else "serving the previous version while indexing"),
+                      c.condition(c.PROGRESSING, True, c.AWAITING_RESULT, message),
+                      c.condition(c.FAILED, False, c.AWAITING_RESULT, message)]
         else:
-            conds += [c.condition(c.READY, has_active, "ResultMissing" if not has_active else c.JOB_SUCCEEDED,
-                                  "the Job completed but the workload reported no index version")]
-        conds += [c.condition(c.PROGRESSING, False, c.JOB_SUCCEEDED, "finished"),
-                  c.condition(c.FAILED, False, c.JOB_SUCCEEDED, "the last run succeeded")]
+            status["phase"] = "Failed"
+            message = "the Job completed but the workload reported no index version; " + RESULT_MISSING_FIX
+            conds += [c.condition(c.READY, has_active, c.RESULT_MISSING, message + (
+                          "; readers keep the previous version" if has_active else "")),
+                      c.condition(c.FAILED, True, c.RESULT_MISSING, message),
+                      c.condition(c.PROGRESSING, False, c.RESULT_MISSING, message)]
     elif phase == "Failed":
         conds += [c.condition(c.READY, has_active, reason, message + (
                       "; readers keep the previous version" if has_active else "")),
@@ -201,7 +277,8 @@ def endpoint_workload(kind: str, child: dict | None, wanted: int) -> tuple[dict[
     if child is None:
         return {"phase": "Pending", "readyReplicas": 0}, [
             c.condition(c.READY, False, c.ROLLING_OUT, "creating the serving workload"),
-            c.condition(c.AVAILABLE, False, c.ROLLING_OUT, "creating the serving workload")]
+            c.condition(c.AVAILABLE, False, c.ROLLING_OUT, "creating the serving workload"),
+            c.condition(c.PROGRESSING, True, c.ROLLING_OUT, "creating the serving workload")]
     st = child.get("status") or {}
     if kind == "RayService":
         ok = c.is_true(st.get("conditions"), c.READY)
@@ -217,7 +294,8 @@ def endpoint_workload(kind: str, child: dict | None, wanted: int) -> tuple[dict[
     if wanted == 0:
         status["phase"] = "Ready"
         return status, [c.condition(c.READY, True, c.SCALED_TO_ZERO, "scaled to zero replicas"),
-                        c.condition(c.AVAILABLE, False, c.SCALED_TO_ZERO, "scaled to zero replicas")]
+                        c.condition(c.AVAILABLE, False, c.SCALED_TO_ZERO, "scaled to zero replicas"),
+                        c.condition(c.PROGRESSING, False, c.SCALED_TO_ZERO, "scaled to zero replicas")]
     if ok:
         status["phase"] = "Ready"
         progressing = kind != "RayService" and rolling

@@ -114,3 +114,16 @@ def ready_references(kube, namespace: str, adapter: str, digest: str, index: str
     kube.apply(vectorindex(index), namespace)
     finish_finetune(kube, namespace, adapter, digest)
     finish_index(kube, namespace, index, version)
+
+
+def reconciled(metrics: str, kind: str) -> float:
+    """Successful reconciliations of `kind` in the operator's metrics."""
+    line = f'ragtune_reconciles_total{{kind="{kind}",result="success"}} '
+    return sum(float(row.removeprefix(line)) for row in metrics.splitlines() if row.startswith(line))
+
+
+def resumable(kube, kind: str) -> int:
+    """How many objects of `kind` a restarted operator resumes: those in namespaces still active (earlier tests
+    leave theirs terminating, and objects there cannot be resumed)."""
+    active = {n["metadata"]["name"] for n in kube.list("v1", "Namespace") if n["status"]["phase"] == "Active"}
+    return sum(obj["metadata"]["namespace"] in active for obj in kube.list(API, kind))

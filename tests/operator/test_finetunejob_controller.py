@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from ragtune_objects import (API, adapter_result, annotate, bound_pvc, finetunejob, job_pod, report_result, status,
-                             wait_ready)
+from ragtune_objects import (API, adapter_result, annotate, bound_pvc, finetunejob, job_pod, reconciled,
+                             report_result, resumable, status, wait_ready)
 
 pytestmark = pytest.mark.usefixtures("ragtune_operator")
 
@@ -100,3 +100,35 @@ def test_a_job_deleted_before_it_finished_is_created_again(kube, namespace, adap
     again = kube.wait_for(lambda: (lambda j: j if j and j["metadata"]["uid"] != first["metadata"]["uid"] else None)(
         kube.get("batch/v1", "Job", "resilient", namespace)), "the Job to be created again")
     assert again["metadata"]["ownerReferences"][0]["name"] == "resilient"
+
+
+def test_a_finished_run_whose_job_is_gone_is_not_run_again_after_a_restart(kube, namespace, adapters,
+                                                                            ragtune_operator):
+    kube.apply(finetunejob("done"), namespace)
+    kube.wait_condition("batch/v1", "Job", "done", namespace, "Complete")
+    report_result(kube, namespace, "done", adapter_result("done", "sha256:" + "c" * 64))
+    before = wait_ready(kube, "FineTuneJob", "done", namespace)["status"]
+    kube.kubectl("delete", "job", "done", "-n", namespace, "--wait=true")
+    time.sleep(1)  # the running operator sees the deletion and, the run being finished, creates nothing
+
+    ragtune_operator.kill()
+    runs = resumable(kube, "FineTuneJob")
+    ragtune_operator.start()
+    kube.wait_for(lambda: reconciled(ragtune_operator.metrics(), "FineTuneJob") >= runs,
+                  f"the restarted operator to resume the {runs} FineTuneJobs")
+    time.sleep(1)
+    assert kube.get("batch/v1", "Job", "done", namespace) is None
+    after = status(kube, "FineTuneJob", "done", namespace)
+    assert after["phase"] == "Succeeded" and after["artifact"] == before["artifact"]
+
+
+def test_the_workloads_identity_is_made_again_when_deleted(kube, namespace, adapters):
+    """Without its ServiceAccount no pod of the Job can be created, and the run would wait forever."""
+    kube.apply(finetunejob("waiting", resources={"gpu": 3}), namespace)  # unschedulable: it stays unfinished
+    first = kube.wait_for(lambda: kube.get("v1", "ServiceAccount", "ragtune-workload", namespace),
+                          "the workloads' ServiceAccount")
+    kube.kubectl("delete", "serviceaccount", "ragtune-workload", "-n", namespace, "--wait=true")
+    again = kube.wait_for(lambda: (lambda sa: sa if sa and sa["metadata"]["uid"] != first["metadata"]["uid"] else None)(
+        kube.get("v1", "ServiceAccount", "ragtune-workload", namespace)), "the ServiceAccount to be made again",
+        timeout=30)
+    assert again["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "ragtune"

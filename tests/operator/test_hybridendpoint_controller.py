@@ -6,14 +6,10 @@ import json
 
 import pytest
 from ragtune_objects import (API, bound_pvc, endpoint, finetunejob, finish_finetune, finish_index,
-                             ready_references, status, vectorindex, volume_for_claim, wait_ready)
+                             ready_references, reconciled, resumable, status, vectorindex, volume_for_claim,
+                             wait_ready)
 
 pytestmark = pytest.mark.usefixtures("ragtune_operator")
-
-
-def reconciled(metrics: str, kind: str) -> float:
-    line = f'ragtune_reconciles_total{{kind="{kind}",result="success"}} '
-    return sum(float(row.removeprefix(line)) for row in metrics.splitlines() if row.startswith(line))
 
 
 def served_config(kube, namespace, name):
@@ -99,9 +95,7 @@ def test_a_restarted_operator_rolls_nothing(kube, namespace, ragtune_operator):
     before = [kube.get(api, kind, name, namespace) for api, kind, name in children]
 
     ragtune_operator.kill()
-    # The restart resumes every endpoint once; those in namespaces earlier tests left terminating fail to.
-    active = {n["metadata"]["name"] for n in kube.list("v1", "Namespace") if n["status"]["phase"] == "Active"}
-    endpoints = sum(e["metadata"]["namespace"] in active for e in kube.list(API, "HybridEndpoint"))
+    endpoints = resumable(kube, "HybridEndpoint")  # the restart resumes each once
     ragtune_operator.start()
     kube.wait_for(lambda: reconciled(ragtune_operator.metrics(), "HybridEndpoint") >= endpoints,
                   f"the restarted operator to resume the {endpoints} endpoints")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ragtune_objects import API, bound_pvc, finetunejob
+from ragtune_objects import API, adapter_result, bound_pvc, finetunejob, report_result
 
 COUNT = 50
 
@@ -14,13 +14,23 @@ def test_killed_and_restarted_mid_reconcile_leaves_no_duplicates_and_every_objec
         kube, namespace, ragtune_operator):
     bound_pvc(kube, namespace, "adapters")
     manifests = [finetunejob(f"ft-{i:02d}") for i in range(COUNT)]
+    # Kill the operator as soon as it is part-way through, while objects are still arriving, then bring it back.
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda m: kube.apply(m, namespace), manifests))
-
-    # Kill the operator as soon as it is part-way through, then bring it back.
-    kube.wait_for(lambda: len(kube.list("batch/v1", "Job", namespace)) >= 5, "reconciling to be under way")
-    ragtune_operator.kill()
+        applied = [pool.submit(kube.apply, m, namespace) for m in manifests]
+        kube.wait_for(lambda: len(kube.list("batch/v1", "Job", namespace)) >= 5, "reconciling to be under way",
+                      interval=0.05)
+        ragtune_operator.kill()
+        under_way = len(kube.list("batch/v1", "Job", namespace))
+        for done in applied:
+            done.result()
     ragtune_operator.start()
+    assert under_way < COUNT, "the operator had finished before it was killed: nothing was tested"
+
+    def finish(name: str) -> None:  # each run's workload reports its adapter, as a real one does
+        kube.wait_condition("batch/v1", "Job", name, namespace, "Complete", timeout=300)
+        report_result(kube, namespace, name, adapter_result(name, "sha256:" + "e" * 64))
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(finish, [m["metadata"]["name"] for m in manifests]))
 
     phases: dict[str, int] = {}
 

@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 from operator_process import OperatorProcess
-from ragtune_objects import API, bound_pvc, endpoint, finetunejob, vectorindex, volume_for_claim, wait_ready
+from ragtune_objects import (bound_pvc, endpoint, finetunejob, finish_finetune, finish_index, vectorindex,
+                             volume_for_claim, wait_ready)
 
 from ragtune.rbac import cluster_role
 
@@ -52,9 +53,9 @@ def test_the_operator_works_under_its_own_cluster_role(kube, namespace, ragtune_
         kube.wait_for(lambda: kube.get("rbac.authorization.k8s.io/v1", "Role", "ragtune-workload", namespace),
                       "the workloads' Role")
         wait_ready(kube, "HybridEndpoint", "chat", namespace, "False", reason="WaitingForFineTuneJob")
-        kube.wait_condition("batch/v1", "Job", "ft", namespace, "Complete")
-        kube.wait_for(lambda: (kube.get(API, "FineTuneJob", "ft", namespace).get("status") or {}).get("phase")
-                      == "Succeeded", "the FineTuneJob to follow its Job")
+        finish_finetune(kube, namespace, "ft", "sha256:" + "d" * 64)  # the workloads report, the operator follows
+        finish_index(kube, namespace, "docs", "v1")
+        wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)  # its Deployment and Service written
         assert any(e["kind"] == "FineTuneJob" for e in kube.events(namespace, "ft"))
         # An RBAC denial names the identity and what it cannot do; other 403s (writes into namespaces that other
         # tests are deleting) are not about permissions.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ragtune import statuses
+from ragtune import conditions, statuses
 
 
 def job(name="j", **status) -> dict:
@@ -47,7 +47,15 @@ def test_a_finished_index_run_reports_counts_and_skipped_files():
     assert fields["skippedFiles"] == [{"path": "bad.pdf", "reason": "not a PDF"}]
     assert next(c for c in conds if c["type"] == "Ready")["status"] == "True"
     # a run that was unschedulable for a while and then succeeded leaves no stale reason behind
-    assert next(c for c in conds if c["type"] == "Failed")["reason"] == "JobSucceeded"
+    unschedulable = {"metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:01Z"},
+                     "status": {"phase": "Pending", "conditions": [
+                         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                          "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}}
+    _, waiting = statuses.vectorindex(job(active=1), [unschedulable], {})
+    assert {c["type"]: c["reason"] for c in waiting}["Ready"] == "Unschedulable"
+    merged = conditions.merge_conditions(waiting, conds, 1)
+    assert {c["type"]: c["reason"] for c in merged} == {"Ready": "JobSucceeded", "Indexed": "JobSucceeded",
+                                                        "Progressing": "JobSucceeded", "Failed": "JobSucceeded"}
 
 
 def test_a_failed_reindex_keeps_the_previous_version_ready():
@@ -55,3 +63,56 @@ def test_a_failed_reindex_keeps_the_previous_version_ready():
     _, conds = statuses.vectorindex(failed, [], {"activeVersion": "v1"})
     ready = next(c for c in conds if c["type"] == "Ready")
     assert ready["status"] == "True" and "readers keep the previous version" in ready["message"]
+
+
+def waiting_pod(reason: str, message: str = "") -> dict:
+    return {"metadata": {"name": "train-x", "creationTimestamp": "2026-01-01T00:00:01Z"},
+            "status": {"phase": "Pending", "conditions": [],
+                       "containerStatuses": [{"state": {"waiting": {"reason": reason, "message": message}}}]}}
+
+
+def test_a_pod_that_cannot_start_by_itself_says_why_and_what_to_do():
+    pulling = waiting_pod("ImagePullBackOff", 'Back-off pulling image "ragtune/finetune:typo"')
+    fields, conds = statuses.finetune(job(active=1), [pulling])
+    ready = next(c for c in conds if c["type"] == "Ready")
+    assert fields["phase"] == "Pending" and ready["reason"] == "ImagePullBackOff"
+    assert ready["message"] == ('pod train-x: Back-off pulling image "ragtune/finetune:typo"; check spec.image (or '
+                                "the chart's image settings) and that the node can pull it")
+    missing = waiting_pod("CreateContainerConfigError", 'secret "s3-creds" not found')
+    _, conds = statuses.vectorindex(job(active=1), [missing], {})
+    ready = next(c for c in conds if c["type"] == "Ready")
+    assert ready["reason"] == "CreateContainerConfigError" and 'secret "s3-creds" not found' in ready["message"]
+    assert "credentialsSecret" in ready["message"]
+    # a pod merely being created is no news
+    _, conds = statuses.finetune(job(active=1), [waiting_pod("ContainerCreating")])
+    assert next(c for c in conds if c["type"] == "Ready")["reason"] == "JobCreated"
+
+
+def test_a_run_that_reported_no_result_has_failed_and_an_index_keeps_its_readers():
+    from datetime import datetime, timedelta, timezone
+
+    done = job(conditions=[{"type": "Complete", "status": "True"}], completionTime="2026-01-01T00:01:00Z")
+    completed = datetime(2026, 1, 1, 0, 1, tzinfo=timezone.utc)
+    # the report may still be on its way for a while after the Job completed
+    fields, conds = statuses.finetune(done, [pod("Succeeded")], now=completed + timedelta(seconds=5))
+    assert fields["phase"] == "Running" and {c["type"]: c["reason"] for c in conds} == {
+        "Ready": "AwaitingResult", "Progressing": "AwaitingResult"}
+    fields, conds = statuses.finetune(done, [pod("Succeeded")], now=completed + timedelta(seconds=301))
+    by_type = {c["type"]: c for c in conds}
+    assert fields["phase"] == "Failed" and "artifact" not in fields
+    assert by_type["Failed"]["status"] == "True" and by_type["Failed"]["reason"] == "ResultMissing"
+    assert by_type["Ready"]["status"] == "False" and by_type["Succeeded"]["status"] == "False"
+    assert "ragtune-workload Role" in by_type["Failed"]["message"]
+    fields, _ = statuses.vectorindex(done, [pod("Succeeded")], {"activeVersion": "v1"}, now=completed)
+    assert fields["phase"] == "Running"
+    fields, conds = statuses.vectorindex(done, [pod("Succeeded")], {"activeVersion": "v1"},
+                                         now=completed + timedelta(seconds=301))
+    by_type = {c["type"]: c for c in conds}
+    assert fields["phase"] == "Failed" and by_type["Failed"]["reason"] == "ResultMissing"
+    assert by_type["Ready"]["status"] == "True" and "readers keep the previous version" in by_type["Ready"]["message"]
+
+
+def test_an_endpoint_always_states_whether_it_is_progressing():
+    for child, wanted in ((None, 1), ({"metadata": {"generation": 1}, "status": {}}, 0)):
+        _, conds = statuses.endpoint_workload("Deployment", child, wanted)
+        assert {c["type"] for c in conds} == {"Ready", "Available", "Progressing"}

@@ -32,9 +32,16 @@ def test_vectorindex_indexes_then_reindexes_without_losing_readiness(kube, names
 
     kube.apply(vectorindex("docs", chunking={"size": 128, "overlap": 16}), namespace)
     second = index_job(kube, namespace, "docs", other_than=first)
-    # While the new version builds (and after its Job ends), readers keep the active version.
-    assert kube.condition(kube.get(API, "VectorIndex", "docs", namespace), "Ready")["status"] == "True"
+    # While the new version builds, and after its Job ends until it has reported, readers keep the active version.
+    building = kube.wait_for(lambda: (lambda obj: obj if obj["status"].get("jobName") == second else None)(
+        kube.get(API, "VectorIndex", "docs", namespace)), "status to follow the new Job")
+    assert kube.condition(building, "Ready")["status"] == "True"
+    assert kube.condition(building, "Ready")["reason"] == "Indexing"
     kube.wait_condition("batch/v1", "Job", second, namespace, "Complete")
+    ended = kube.wait_for(lambda: (lambda obj: obj if kube.condition(obj, "Progressing")["reason"] == "AwaitingResult"
+                                   else None)(kube.get(API, "VectorIndex", "docs", namespace)),
+                          "status to see the Job end")
+    assert kube.condition(ended, "Ready")["status"] == "True" and ended["status"]["activeVersion"] == "v1"
     report_result(kube, namespace, second, index_result("v2", chunks=20))
     kube.wait_for(lambda: status(kube, "VectorIndex", "docs", namespace).get("activeVersion") == "v2",
                   "version v2 to be active")

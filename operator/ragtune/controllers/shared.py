@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from prometheus_client import Counter, Histogram
 
 from .. import conditions as c
+from .. import statuses
 from ..builders import common
 from . import cache
 from ..kube import Api
@@ -94,6 +95,22 @@ def ensure_workload_identity(namespace: str) -> None:
         _workload_rbac_done.add(namespace)
 
 
+@kopf.on.event("", "v1", "serviceaccounts", labels={"app.kubernetes.io/managed-by": common.MANAGED_BY})
+def workload_identity_changed(name: str, namespace: str, type: str | None, **_: Any) -> None:
+    """The workloads' ServiceAccount deleted (by hand, or with a namespace that was then made again): every Job or
+    pod of ragtune's there would wait for it forever, so it is made again while ragtune objects remain."""
+    if type != "DELETED" or name != common.WORKLOAD_SERVICE_ACCOUNT:
+        return
+    _workload_rbac_done.discard(namespace)
+    in_use = any(key[1] == namespace and body is not None
+                 for kind in ("FineTuneJob", "VectorIndex", "HybridEndpoint") for key, body in cache.OWNERS.items(kind))
+    if in_use:
+        try:
+            ensure_workload_identity(namespace)
+        except Exception as exc:  # the namespace may be going away with it
+            log.warning("the workloads' identity in %s could not be made again: %s", namespace, exc)
+
+
 def apply_children(body: dict[str, Any], children: list[dict[str, Any]]) -> dict[str, str]:
     """Adopts and applies each child; returns name → created|configured|unchanged."""
     outcome = {}
@@ -163,23 +180,30 @@ def replacing(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
 class Refresher:
     """Status refreshes triggered by child events run here, off kopf's handler pool: each object is refreshed at
     most once per `delay` however many events arrive (a Job's pod changes several times in a second), and
-    creating children for new objects never waits behind status bookkeeping."""
+    creating children for new objects never waits behind status bookkeeping. Work that fails is tried again after
+    a delay that doubles up to `retry_max`: a reconcile that met a passing API error must not leave its object
+    waiting for an event that may never come."""
 
-    def __init__(self, workers: int = 2, delay: float = 0.2):
+    def __init__(self, workers: int = 2, delay: float = 0.2, retry_first: float = 1.0, retry_max: float = 60.0):
         self.delay = delay
+        self.retry_first, self.retry_max = retry_first, retry_max
+        self._failures: dict[tuple[tuple[str, str, str], str], int] = {}  # (key, work) → failures in a row
         self._workers = workers
         self._cond = threading.Condition()
-        # key → (due time, work name → callable): different kinds of work for one object (a status refresh, a
-        # lost Job's re-creation, an endpoint's reconcile) are all kept; repeats of one kind fold together.
-        self._due: dict[tuple[str, str, str], tuple[float, dict[str, Callable[[], None]]]] = {}
+        # key → work name → (due time, callable): different kinds of work for one object (a status refresh, a
+        # lost Job's re-creation, an endpoint's reconcile, a check much later) each run when they are due;
+        # repeats of one kind fold together, at the earlier of their due times.
+        self._due: dict[tuple[str, str, str], dict[str, tuple[float, Callable[[], None]]]] = {}
         self._threads: list[threading.Thread] = []
 
     def schedule(self, key: tuple[str, str, str], run: Callable[[], None], work: str,
                  delay: float | None = None) -> None:
+        due = time.monotonic() + (self.delay if delay is None else delay)
         with self._cond:
-            due, pending = self._due.get(key, (time.monotonic() + (self.delay if delay is None else delay), {}))
-            pending.setdefault(work, run)
-            self._due[key] = (due, pending)
+            pending = self._due.setdefault(key, {})
+            if work in pending:
+                due, run = min(due, pending[work][0]), pending[work][1]
+            pending[work] = (due, run)
             self._cond.notify()
             if not self._threads:
                 for i in range(self._workers):
@@ -187,15 +211,21 @@ class Refresher:
                     thread.start()
                     self._threads.append(thread)
 
-    def _next(self) -> tuple[tuple[str, str, str], list[Callable[[], None]]]:
+    def _next(self) -> tuple[tuple[str, str, str], list[tuple[str, Callable[[], None]]]]:
+        """The next object with work due, and all of its work that is due (in the order it was asked for)."""
         with self._cond:
             while True:
                 if self._due:
-                    key, (due, pending) = min(self._due.items(), key=lambda item: item[1][0])
-                    wait = due - time.monotonic()
+                    key, pending = min(self._due.items(), key=lambda item: min(due for due, _ in item[1].values()))
+                    now = time.monotonic()
+                    wait = min(due for due, _ in pending.values()) - now
                     if wait <= 0:
-                        del self._due[key]
-                        return key, list(pending.values())
+                        ready = [(work, run) for work, (due, run) in pending.items() if due <= now]
+                        for work, _ in ready:
+                            del pending[work]
+                        if not pending:
+                            del self._due[key]
+                        return key, ready
                     self._cond.wait(wait)
                 else:
                     self._cond.wait()
@@ -203,12 +233,21 @@ class Refresher:
     def _loop(self) -> None:
         while True:
             key, runs = self._next()
-            for run in runs:
+            for work, run in runs:
                 try:
                     with object_lock(*key):
                         run()
-                except Exception:  # one object's failure must not stop the others' status
-                    log.exception("refreshing %s/%s/%s failed", *key)
+                except kopf.PermanentError:  # retrying cannot help (an invalid spec); its handler said why
+                    log.exception("%s of %s/%s/%s failed for good", work, *key)
+                    self._failures.pop((key, work), None)
+                except Exception:  # one object's failure must not stop the others' work; it is tried again later
+                    failures = self._failures.get((key, work), 0) + 1
+                    self._failures[(key, work)] = failures
+                    delay = min(self.retry_max, self.retry_first * 2 ** (failures - 1))
+                    log.exception("%s of %s/%s/%s failed (%d in a row); again in %.0fs", work, *key, failures, delay)
+                    self.schedule(key, run, work, delay=delay)
+                else:
+                    self._failures.pop((key, work), None)
 
 
 REFRESHER = Refresher()
@@ -287,7 +326,8 @@ def record_child(kind: str, cache_: cache.ChildCache, compact: Callable, namespa
 
 WARNING_REASONS = {c.JOB_FAILED, c.BACKOFF_LIMIT_EXCEEDED, c.DEADLINE_EXCEEDED, c.UNSCHEDULABLE,
                    c.BASE_MODEL_MISMATCH, c.ADAPTER_NOT_PROMOTABLE, c.REFERENCE_FAILED, c.REFERENCE_NOT_FOUND,
-                   c.EVALUATION_BELOW_THRESHOLD, c.MINIMUM_REPLICAS_UNAVAILABLE, "ResultMissing"}
+                   c.EVALUATION_BELOW_THRESHOLD, c.MINIMUM_REPLICAS_UNAVAILABLE, c.RESULT_MISSING,
+                   *statuses.STUCK}
 
 
 def owner_of(labels: dict[str, str] | None, kind: str) -> str | None:
