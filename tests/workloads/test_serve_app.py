@@ -257,6 +257,9 @@ def test_openai_client_chat_streaming_completions_and_models(stack):
     assert streamed == completion.choices[0].text
 
     assert [m.id for m in api.models.list().data] == ["hybrid"]
+    assert api.models.retrieve("hybrid").id == "hybrid"
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("gpt-4o")
 
 
 def test_streaming_dont_know_sends_the_answer_without_generation(stack):

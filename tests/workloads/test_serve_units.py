@@ -276,6 +276,53 @@ def test_default_completion_budget_leaves_room_for_the_prompt_and_explicit_one_i
                                                                              "max_tokens")
 
 
+def test_an_unset_max_tokens_shrinks_to_the_room_a_long_prompt_leaves(tokenizer):
+    """As OpenAI's and vLLM's servers do: the default completion length never refuses a prompt that fits."""
+    import asyncio
+
+    from ragtune_workloads.serve.answer import Answerer
+    from ragtune_workloads.serve.config import EndpointSettings
+
+    settings = EndpointSettings(served_model="m", base_model="tiny", mode="finetuned", uses_adapter=False,
+                                has_index=False, system=None, template=DEFAULT_TEMPLATE, top_k=0,
+                                score_threshold=None, default_retrieval="never", default_max_tokens=512)
+    answerer = Answerer(settings, tokenizer, 1024, None)
+    text = "pressure " * 140
+    prompt_tokens = len(prompts.direct_prompt(tokenizer, None, [{"role": "user", "content": text}], 1, 1024).token_ids)
+    assert 512 < prompt_tokens < 1024  # too long for the default 512, short enough for the window
+
+    def plan(request_type, **fields):
+        return asyncio.run(answerer.plan(openai_api.validate({"model": "m", **fields}, request_type)))
+
+    chat = plan(openai_api.ChatCompletionRequest, messages=[{"role": "user", "content": text}])
+    assert len(chat.prompt_ids) == prompt_tokens and chat.params.max_tokens == 1024 - prompt_tokens
+    assert plan(openai_api.ChatCompletionRequest, messages=[{"role": "user", "content": "hi"}]).params.max_tokens == 512
+    for request_type, fields, param in ((openai_api.ChatCompletionRequest,
+                                         {"messages": [{"role": "user", "content": text}]}, "messages"),
+                                        (openai_api.CompletionRequest, {"prompt": text}, "prompt")):
+        with pytest.raises(openai_api.ApiError) as asked:  # an explicit max_tokens is honoured or refused
+            plan(request_type, max_tokens=512, **fields)
+        assert (asked.value.code, asked.value.param) == ("context_length_exceeded", param)
+        assert "default" not in asked.value.message
+    with pytest.raises(openai_api.ApiError) as unset:
+        plan(openai_api.CompletionRequest, prompt="pressure " * 300)
+    assert unset.value.param == "prompt" and "maximum context length is 1024" in unset.value.message
+
+
+def test_chat_histories_from_other_servers_are_accepted_and_unsupported_parts_named():
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "refusal": None,
+                                                   "tool_calls": None}, {"role": "user", "content": "and?"}]
+    request = openai_api.validate({"model": "m", "messages": history}, openai_api.ChatCompletionRequest)
+    assert [m["content"] for m in request.conversation()] == ["hi", "", "and?"]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]
+    with pytest.raises(openai_api.ApiError) as refused:
+        openai_api.validate({"model": "m", "messages": image}, openai_api.ChatCompletionRequest)
+    assert refused.value.param == "messages[0].content"
+    assert refused.value.message == ("Invalid value for 'messages[0].content': a content part of type 'image_url' is "
+                                     'not supported: this endpoint takes text, as a string or parts '
+                                     '{"type": "text", "text": "..."}.')
+
+
 # ---- caches ------------------------------------------------------------------------------------------------
 
 
@@ -379,6 +426,17 @@ def test_api_key_from_file_with_bearer_and_rotation(tmp_path):
     assert not key.allows("Bearer s3cre")
     key_file.write_text("rotated-key-2")
     assert key.allows("Bearer rotated-key-2") and not key.allows("Bearer s3cret")
+    key_file.write_text("")  # caught in the middle of a rewrite: the last key holds, no error
+    assert key.allows("Bearer rotated-key-2")
+    replacement = tmp_path / "api-key.new"  # a key of the same length, swapped in by rename within one tick
+    replacement.write_text("rotated-key-3")
+    os.utime(replacement, ns=(key_file.stat().st_atime_ns, key_file.stat().st_mtime_ns))
+    replacement.replace(key_file)
+    assert key.allows("Bearer rotated-key-3") and not key.allows("Bearer rotated-key-2")
+    empty = tmp_path / "empty-key"
+    empty.write_text("")
+    with pytest.raises(auth.ApiKeyError, match="is empty"):
+        auth.ApiKey(str(empty))
     assert auth.ApiKey(None).allows(None)
     with pytest.raises(auth.ApiKeyError, match="cannot be read"):
         auth.ApiKey(str(tmp_path / "missing"))

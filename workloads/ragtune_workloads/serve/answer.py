@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import prompts, routing
@@ -38,7 +38,8 @@ class Plan:
 
 
 def completion_budget(requested: int | None, default: int, context_length: int) -> int:
-    """An explicit max_tokens is honoured (or refused); the default leaves at least half the window to the prompt."""
+    """An explicit max_tokens is honoured (or refused); the default leaves at least half the window to the prompt
+    (and shrinks further to the room a longer prompt leaves, `Answerer.plan`)."""
     if requested is not None:
         if requested >= context_length:
             raise ApiError(400, f"max_tokens is {requested}, but this model's maximum context length is "
@@ -80,15 +81,25 @@ class Answerer:
         choice = self.retrieval_choice(request.retrieval)
         question = request.question()
         messages = request.conversation()
+        explicit = request.completion_limit() is not None
         max_tokens = completion_budget(request.completion_limit(), s.default_max_tokens, self.context_length)
         plan = Plan(generation_params(request, max_tokens), s.uses_adapter)
         route = routing.decide(choice, question, s.has_index)
         plan.retrieval = {"mode": choice, "used": False, "reason": route.reason}
         direct_system = prompts.system_prompt(s.mode, s.system, grounded=False)
+        param = "prompt" if isinstance(request, CompletionRequest) else "messages"
 
         def direct() -> prompts.Prompt:
-            return self._prompt(lambda: prompts.direct_prompt(self.tokenizer, direct_system, messages, max_tokens,
-                                                              self.context_length))
+            try:
+                return prompts.direct_prompt(self.tokenizer, direct_system, messages, plan.params.max_tokens,
+                                             self.context_length)
+            except prompts.PromptTooLongError as exc:
+                room = self.context_length - exc.prompt_tokens
+                if explicit or room < 1:
+                    raise self._too_long(exc, param, explicit) from None
+                # no max_tokens asked for: the endpoint's default, shrunk to the room the prompt leaves
+                plan.params = replace(plan.params, max_tokens=room)
+                return prompts.direct_prompt(self.tokenizer, direct_system, messages, room, self.context_length)
 
         if not route.retrieve:
             plan.prompt_ids = direct().token_ids
@@ -126,20 +137,18 @@ class Answerer:
             plan.canned = routing.DONT_KNOW_ANSWER
             return plan
         if isinstance(frame, prompts.PromptTooLongError):
-            raise self._too_long(frame)
-        prompt = self._prompt(lambda: frame.pack(usable))
+            raise self._too_long(frame, param, explicit)
+        try:
+            prompt = frame.pack(usable)
+        except prompts.PromptTooLongError as exc:
+            raise self._too_long(exc, param, explicit) from None
         plan.retrieval["used"] = True
         plan.prompt_ids = prompt.token_ids
         plan.sources = prompt.sources
         return plan
 
     @staticmethod
-    def _prompt(build: Callable[[], prompts.Prompt]) -> prompts.Prompt:
-        try:
-            return build()
-        except prompts.PromptTooLongError as exc:
-            raise Answerer._too_long(exc) from None
-
-    @staticmethod
-    def _too_long(exc: prompts.PromptTooLongError) -> ApiError:
-        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    def _too_long(exc: prompts.PromptTooLongError, param: str, explicit: bool) -> ApiError:
+        default = "" if explicit else (" The completion's share is this endpoint's default (engine.maxTokens), as "
+                                       "the request set no max_tokens: set a smaller one to leave more room.")
+        return ApiError(400, str(exc) + default, param=param, code="context_length_exceeded")

@@ -165,8 +165,11 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @http.exception_handler(Exception)
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-    error = api.ApiError(500, f"The server failed to answer: {type(exc).__name__}: {exc}", type="server_error")
+    # The details (paths, internals) go to the log only; the client gets an id to find them by.
+    incident = api.new_id("err")
+    log.error("%s %s failed (%s): %s: %s", request.method, request.url.path, incident, type(exc).__name__, exc)
+    error = api.ApiError(500, f"The server failed to answer; its log names the cause under {incident}.",
+                         type="server_error", code="internal_error")
     return JSONResponse(error.body(), status_code=500)
 
 
@@ -327,6 +330,9 @@ class Ingress:
         except api.ApiError as exc:
             self._observe(route, exc.status, started)
             raise
+        except Exception:
+            self._observe(route, 500, started)  # answered by the handler above; counted here
+            raise
         self._observe(route, 200, started)
         return JSONResponse(answer)
 
@@ -344,6 +350,12 @@ class Ingress:
     async def models(self, request: Request) -> Response:
         self._authorize(request)
         return JSONResponse(api.models_list(self.settings.served_model, self.settings.base_model))
+
+    @http.get("/v1/models/{model:path}")
+    async def model(self, request: Request, model: str) -> Response:
+        self._authorize(request)
+        self._check_model(model)
+        return JSONResponse(api.model_card(self.settings.served_model, self.settings.base_model))
 
     @http.get("/ask")
     async def ask(self, request: Request, q: str | None = None, retrieval: str | None = None) -> Response:

@@ -39,7 +39,7 @@ class ApiKey:
     def __init__(self, path: str | None):
         self.path = Path(path) if path else None
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._key: str | None = None
         if self.path is not None:
             self._load()
@@ -55,11 +55,13 @@ class ApiKey:
             if self._key is not None:
                 return self._key  # a Secret mount is swapped through a symlink; keep the last key meanwhile
             raise ApiKeyError(f"API key file {self.path} cannot be read: {exc.strerror or exc}") from None
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         with self._lock:
             if stamp != self._stamp:
                 key = self.path.read_text().strip()
                 if not key:
+                    if self._key is not None:
+                        return self._key  # caught mid-rewrite: keep the last key until the new one is there
                     raise ApiKeyError(f"API key file {self.path} is empty")
                 self._key, self._stamp = key, stamp
             return self._key

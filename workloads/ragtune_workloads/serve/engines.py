@@ -16,6 +16,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,13 @@ class TransformersEngine(Engine):
         self.model = model.to(self.device).eval()
         self.eos_ids = self._eos_ids()
         self._lock = threading.Lock()
+        # Generations wait for one another in a thread of their own, not in the event loop's shared pool: a few
+        # dozen waiting requests would otherwise hold all of its threads, and whatever else the replica runs
+        # there (the readiness check's index lookup) would wait behind them.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _eos_ids(self) -> list[int]:
         configured = self.model.generation_config.eos_token_id
@@ -230,7 +238,7 @@ class TransformersEngine(Engine):
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, done)
 
-        worker = loop.run_in_executor(None, run)
+        worker = loop.run_in_executor(self._executor, run)
         generated: list[int] = []
         sent = ""
         finish = None
@@ -343,6 +351,13 @@ class VllmEngine(Engine):
 
         self._sampling_params = SamplingParams
         self.settings = settings
+        self.lora = None
+        if settings.adapter_path:  # checked before the engine starts: a missing one would leave its process behind
+            path = local_adapter_path(settings.adapter_path)
+            if not settings.adapter_path.startswith("hf://") and not Path(path).is_dir():
+                raise EngineError(f"adapter directory {path} does not exist")
+            # The adapter is registered under its own name; vLLM loads it on the first request that names it.
+            self.lora = LoRARequest(settings.adapter_name or "adapter", 1, path)
         # vLLM's processes talk over Unix sockets it names under VLLM_RPC_BASE_PATH (the temporary directory by
         # default) and never removes: three more files there for every engine started. Unless that is set, they
         # go in a directory of this engine's own, removed when it closes; they are made while the engine starts.
@@ -357,13 +372,6 @@ class VllmEngine(Engine):
         finally:
             if self.ipc_dir:
                 os.environ.pop(IPC_PATH_VARIABLE, None)
-        self.lora = None
-        if settings.adapter_path:
-            path = local_adapter_path(settings.adapter_path)
-            if not Path(path).is_dir():
-                raise EngineError(f"adapter directory {path} does not exist")
-            # The adapter is registered under its own name; vLLM loads it on the first request that names it.
-            self.lora = LoRARequest(settings.adapter_name or "adapter", 1, path)
 
     def _sampling(self, params: GenerationParams):
         return self._sampling_params(

@@ -61,7 +61,8 @@ def validation_error(exc: ValidationError) -> ApiError:
                         code="unknown_parameter")
     if kind.endswith(("_type", "_parsing")):
         return ApiError(400, f"Invalid type for '{param}': {first['msg']}.", param=param, code="invalid_type")
-    return ApiError(400, f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value")
+    message = first["msg"].removeprefix("Value error, ")
+    return ApiError(400, f"Invalid value for '{param}': {message}.", param=param, code="invalid_value")
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
@@ -85,18 +86,39 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TextPart(WireModel):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(WireModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    # None: an assistant turn as other OpenAI-compatible servers return it (with a refusal, say)
+    content: str | list[dict[str, Any]] | None
     name: str | None = None
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content, info):
+        if content is None:
+            if info.data.get("role") != "assistant":
+                raise ValueError("content may be null only in an assistant message")
+            return content
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"a content part of type {part.get('type')!r} is not supported: this endpoint "
+                                     'takes text, as a string or parts {"type": "text", "text": "..."}')
+        return content
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, tool_calls):
+        if tool_calls:
+            raise ValueError("tool calls are not supported by this endpoint")
+        return tool_calls
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        if self.content is None:
+            return self.refusal or ""
+        return self.content if isinstance(self.content, str) else "".join(part["text"] for part in self.content)
 
 
 class GenerationRequest(WireModel):
@@ -225,6 +247,9 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
+def model_card(model: str, root: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "ragtune", "root": root, "parent": None}
+
+
 def models_list(model: str, root: str) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "ragtune",
-                                        "root": root, "parent": None}]}
+    return {"object": "list", "data": [model_card(model, root)]}
