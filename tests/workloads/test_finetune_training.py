@@ -308,6 +308,9 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model):
     state = json.loads((checkpoints / "checkpoint-60" / "trainer_state.json").read_text())
     steps_logged = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     assert steps_logged == list(range(1, 61))
+    # and its loss is the whole run's, not the retry's part of it
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert metadata["metrics"]["trainLoss"] == pytest.approx(sum(losses) / len(losses))
 
 
 def test_checkpoints_of_another_finetunejob_are_not_resumed(tmp_path):

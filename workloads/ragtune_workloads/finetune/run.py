@@ -111,7 +111,11 @@ def train_evaluate_export(config: FineTuneConfig, prepared: Prepared, progress) 
 
     started = time.monotonic()
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    metrics = {"trainLoss": float(train_output.training_loss), "trainSeconds": time.monotonic() - started,
+    # Over the whole run: after a resume, the trainer's own training_loss covers this process's steps only (0.0
+    # when it resumed at the last one); the log history, restored from the checkpoint, holds every step's loss.
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    train_loss = sum(losses) / len(losses) if losses else train_output.training_loss
+    metrics = {"trainLoss": float(train_loss), "trainSeconds": time.monotonic() - started,
                "trainSteps": float(trainer.state.global_step)}
     if progress.tokens_per_second is not None:
         metrics["trainTokensPerSecond"] = progress.tokens_per_second
