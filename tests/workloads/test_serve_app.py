@@ -5,6 +5,7 @@ milvus-lite index over part of Cranfield. Real HTTP, the official openai client,
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -105,9 +106,11 @@ def retrieved_directly(stack, question: str, k: int = 4):
 
 
 def metric(stack, name: str, series: str) -> float:
+    """A series' value; a series the endpoint does not export fails the test (a renamed metric must not read 0)."""
     text = httpx.get(f"{stack['urls'][name]}/metrics", timeout=30).text
     match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    assert match, f"{series} is not exported"
+    return float(match.group(1))
 
 
 # ---- modes -------------------------------------------------------------------------------------------------
@@ -264,9 +267,25 @@ def test_openai_client_chat_streaming_completions_and_models(stack):
 
 def test_streaming_dont_know_sends_the_answer_without_generation(stack):
     api = openai.OpenAI(base_url=f"{stack['urls']['hybrid']}/v1", api_key=API_KEY, max_retries=0)
+    generations_before = metric(stack, "hybrid", "ragtune_generation_latency_seconds_count")
     chunks = list(api.chat.completions.create(model="hybrid", messages=[{"role": "user", "content": UNRELATED}],
-                                              stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks).startswith("I don't know")
+                                              stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("I don't know")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == 0
+    assert metric(stack, "hybrid", "ragtune_generation_latency_seconds_count") == generations_before
+
+
+def test_a_stream_ends_with_done_as_openai_streams_do(stack):
+    """The openai client stops at the end of the stream either way; other clients wait for `data: [DONE]`."""
+    with httpx.stream("POST", f"{stack['urls']['hybrid']}/v1/chat/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": "hybrid", "messages": [{"role": "user", "content": QUESTION}], "stream": True,
+                            "max_tokens": 4}) as response:
+        events = [line for line in response.iter_lines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
 
 
 def test_max_tokens_and_stop_are_honoured(stack):
@@ -387,8 +406,12 @@ def test_twenty_concurrent_requests_all_succeed(stack):
 
 
 def test_metrics_count_requests_latency_retrieval_tokens_and_cache_hits(stack):
+    chat(stack, "hybrid", QUESTION)  # now (or before) retrieved: cached for this index version
     hits_before = metric(stack, "hybrid", 'ragtune_cache_hits_total{cache="retrieval"}')
-    chat(stack, "hybrid", QUESTION)  # asked before: its retrieval is cached for this index version
+    chat(stack, "hybrid", QUESTION)
+    bad = httpx.post(f"{stack['urls']['hybrid']}/v1/chat/completions", timeout=30,
+                     headers={"Authorization": f"Bearer {API_KEY}"}, json={"model": "hybrid"})
+    assert bad.status_code == 400
     text = httpx.get(f"{stack['urls']['hybrid']}/metrics", timeout=30).text
     assert metric(stack, "hybrid", 'ragtune_cache_hits_total{cache="retrieval"}') == hits_before + 1
     assert re.search(r'^ragtune_requests_total\{route="/v1/chat/completions",status="200"\} [1-9]', text, re.M)

@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 STARTUP_SECONDS = 240
 
 
+class NeverReady(Exception):
+    """The pod did not answer /readyz in time."""
+
+
 def workload_env(tmp_path: Path, ray_dir: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "workloads")]),
             "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": str(ray_dir),
@@ -50,9 +54,9 @@ def test_single_pod_runtime_serves_and_stops_cleanly_on_sigterm(tmp_path):
                                 "--host", "127.0.0.1", "--port", str(port)],
                                env=workload_env(tmp_path, ray_dir), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
+    ready = None
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
-        ready = None
         while time.monotonic() < deadline and process.poll() is None:
             try:
                 ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
@@ -61,7 +65,8 @@ def test_single_pod_runtime_serves_and_stops_cleanly_on_sigterm(tmp_path):
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        assert ready is not None and ready.status_code == 200, "the pod never became ready"
+        if ready is None or ready.status_code != 200:
+            raise NeverReady
         # Direct ingress: the Ingress replica itself listens on the pod's port, not Ray Serve's proxy.
         listener = next(c.pid for c in psutil.net_connections("tcp")
                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
@@ -72,15 +77,22 @@ def test_single_pod_runtime_serves_and_stops_cleanly_on_sigterm(tmp_path):
             "model": "pod", "messages": [{"role": "user", "content": "what is the capital city of france"}],
             "temperature": 0}).json()
         assert answer["choices"][0]["message"]["content"] == fx.ADAPTER_ANSWER
+    except NeverReady:
+        pass  # reported below, once the pod's output is in
     finally:
-        pod_processes = {child.pid: child.create_time()
-                         for child in psutil.Process(process.pid).children(recursive=True)}
+        try:  # the main process, if it already exited (a failed start), has no children left to list
+            pod_processes = {child.pid: child.create_time()
+                             for child in psutil.Process(process.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pod_processes = {}
         process.send_signal(signal.SIGTERM)
         try:
             output = process.communicate(timeout=120)[0]
         except subprocess.TimeoutExpired:
             process.kill()
             output = process.communicate()[0]
+    if ready is None or ready.status_code != 200:  # with what the pod printed, not only that it failed
+        raise AssertionError(f"the pod never became ready (exit status {process.returncode}):\n{output[-3000:]}")
     try:
         assert process.returncode == 0, output[-3000:]
         time.sleep(2)
