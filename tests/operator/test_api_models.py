@@ -46,6 +46,10 @@ def test_crds_carry_short_names_category_status_and_printer_columns():
         assert version["subresources"] == {"status": {}}
         columns = [col["name"] for col in version["additionalPrinterColumns"]]
         assert columns[:2] == ["Ready", "Reason"] and columns[-1] == "Age"
+        conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
+        assert (conditions["x-kubernetes-list-type"], conditions["x-kubernetes-list-map-keys"]) == ("map", ["type"])
+        assert {"type", "status"} <= set(conditions["items"]["required"])
+        assert conditions["items"]["properties"]["lastTransitionTime"]["format"] == "date-time"
 
 
 def test_finetune_defaults_are_the_seed_recipe():

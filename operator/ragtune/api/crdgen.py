@@ -170,6 +170,11 @@ def crd(kind: Kind) -> dict[str, Any]:
     spec_schema = structural_schema(kind.spec)
     status_schema = _drop_defaults(structural_schema(kind.status))
     status_schema["x-kubernetes-preserve-unknown-fields"] = True
+    conditions = (status_schema.get("properties") or {}).get("conditions")
+    if conditions:  # API conventions: a list keyed by type, as kubectl and server-side apply expect
+        conditions["x-kubernetes-list-type"] = "map"
+        conditions["x-kubernetes-list-map-keys"] = ["type"]
+        conditions["items"]["properties"]["lastTransitionTime"]["format"] = "date-time"
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
