@@ -208,6 +208,16 @@ def stage_folder(uri: str, endpoint: str | None, target: Path, field: str) -> Pa
     return target
 
 
+def stage_model(uri: str, endpoint: str | None, target: Path) -> Path:
+    """A base model's folder in S3 (`model.s3`), copied into `target` (`stage_folder`); it must hold the model's
+    config.json."""
+    stage_folder(uri, endpoint, target, "model.s3")
+    if not (target / "config.json").is_file():
+        raise S3LocationError(f"model.s3.uri {uri} holds no config.json: point it at the folder with the model's "
+                              "config.json and weights")
+    return target
+
+
 def download(client: Minio, bucket: str, key: str, destination: Path) -> None:
     """Written under a hidden name and renamed: a reader never takes half an object for a file."""
     destination.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ CONFIG_MOUNT = "/etc/ragtune"
 CONFIG_FILE = "config.json"
 PROGRESS_ANNOTATION = "ragtune.io/progress"
 RESULT_ANNOTATION = "ragtune.io/result"
+# Where a workload copies a base model in S3 (model.source s3): the pod's scratch volume.
+MODEL_STAGING = "/tmp/ragtune-model"
 
 
 class OwnerInfo(ApiModel):

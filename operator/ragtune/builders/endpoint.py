@@ -9,7 +9,8 @@ from typing import Any
 import yaml
 
 from ..api.hybridendpoint import HybridEndpointSpec, resolve_topology
-from ..api.workload import CONFIG_FILE, CONFIG_MOUNT, AdapterRef, OwnerInfo, RetrievalTarget, ServeConfig
+from ..api.workload import (CONFIG_FILE, CONFIG_MOUNT, MODEL_STAGING, AdapterRef, OwnerInfo, RetrievalTarget,
+                            ServeConfig)
 from . import common
 
 COMPONENT = "serve"
@@ -18,7 +19,6 @@ SHM_SIZE = "1Gi"
 ADAPTER_MOUNT = "/adapters"
 STORE_MOUNT = "/store"
 MODEL_MOUNT = "/model"
-MODEL_STAGING = "/tmp/ragtune-model"
 RAY_VERSION = "2.60.0"
 SERVE_IMPORT_PATH = "ragtune_workloads.serve.app:build_app"
 EMBEDDING_MOUNT = "/embedding-model"

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..api.finetunejob import FineTuneJobSpec
-from ..api.workload import CONFIG_FILE, CONFIG_MOUNT, FineTuneConfig, OwnerInfo
+from ..api.workload import CONFIG_FILE, CONFIG_MOUNT, MODEL_STAGING, FineTuneConfig, OwnerInfo
 from . import common
 
 COMPONENT = "finetune"
 OUTPUT_MOUNT = "/output"
 DATA_MOUNT = "/data"
 MODEL_MOUNT = "/model"
-MODEL_STAGING = "/tmp/ragtune-model"
 
 
 def names(owner: OwnerInfo) -> dict[str, str]:

@@ -7,7 +7,6 @@ from typing import Any
 import kopf
 
 from .. import GROUP, VERSION
-from .. import conditions as c
 from .. import statuses
 from ..api.finetunejob import FineTuneJobSpec
 from ..builders import finetune as builder
@@ -15,6 +14,7 @@ from . import cache, shared
 
 PLURAL = "finetunejobs"
 KIND = "FineTuneJob"
+FINISHED = ("Succeeded", "Failed")  # phases after which the run's Job is never made again
 
 
 def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
@@ -29,7 +29,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reaso
     key, obj = shared.remember_owner(KIND, body, namespace, name)
     children = builder.build(obj, parsed)
     with shared.object_lock(*key):
-        if reason == "resume" and shared.known_status(body).get("phase") in ("Succeeded", "Failed") and \
+        if reason == "resume" and shared.known_status(body).get("phase") in FINISHED and \
                 shared.api().get("batch/v1", "Job", name, namespace) is None:
             # Its Job was deleted after it finished (by hand, or by a cleanup policy): the result stands, and
             # creating the Job again would train a second time into the same output.
@@ -59,13 +59,11 @@ def refresh(key: tuple[str, str, str]) -> None:
         return
     jobs = [j for j in cache.JOBS.get(key) if j["metadata"]["name"] == key[2]]
     job = jobs[0] if jobs else None
-    if job is None and shared.known_status(owner).get("phase") in ("Succeeded", "Failed"):
+    if job is None and shared.known_status(owner).get("phase") in FINISHED:
         return  # its Job was deleted after it finished: the result stands
     pods = [p for p in cache.PODS.get(key) if p["metadata"]["labels"].get("job-name") == key[2]]
     fields, conds = statuses.finetune(job, pods)
-    if any(cond["reason"] == c.AWAITING_RESULT for cond in conds):  # look again once the report is overdue
-        shared.request_refresh(key, lambda: refresh(key), work="overdue-result",
-                               delay=statuses.RESULT_GRACE_SECONDS + 1)
+    shared.recheck_if_awaiting_result(key, conds, refresh)
     fields["progressText"] = fields.get("progressText") or {"Pending": "pending", "Running": "starting",
                                                             "Failed": "failed"}.get(fields["phase"], "")
     shared.write_status(PLURAL, owner, fields, conds)
@@ -89,8 +87,7 @@ def recreate_if_unfinished(key: tuple[str, str, str]) -> None:
     owner = cache.OWNERS.get(key)
     if owner is None or owner["metadata"].get("deletionTimestamp"):
         return
-    phase = shared.known_status(owner).get("phase")
-    if phase in ("Succeeded", "Failed"):
+    if shared.known_status(owner).get("phase") in FINISHED:
         return
     children = builder.build(owner, parse_spec(owner["spec"]))
     shared.apply_children(owner, children)

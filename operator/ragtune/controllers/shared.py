@@ -258,6 +258,14 @@ def request_refresh(key: tuple[str, str, str], run: Callable[[], None], work: st
     REFRESHER.schedule(key, run, work, delay)
 
 
+def recheck_if_awaiting_result(key: tuple[str, str, str], conds: list[dict[str, Any]],
+                               refresh: Callable[[tuple[str, str, str]], None]) -> None:
+    """A run whose Job completed without its report yet is looked at again once the report is overdue
+    (`statuses.RESULT_GRACE_SECONDS`): no event may come to fail it otherwise."""
+    if any(cond["reason"] == c.AWAITING_RESULT for cond in conds):
+        request_refresh(key, lambda: refresh(key), work="overdue-result", delay=statuses.RESULT_GRACE_SECONDS + 1)
+
+
 def compact_owner(body: dict[str, Any]) -> dict[str, Any]:
     meta = body["metadata"]
     return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),

@@ -9,7 +9,6 @@ from typing import Any
 import kopf
 
 from .. import GROUP, VERSION
-from .. import conditions as c
 from .. import statuses
 from ..api.vectorindex import VectorIndexSpec
 from ..builders import common
@@ -84,9 +83,7 @@ def refresh(key: tuple[str, str, str]) -> None:
             if job and p["metadata"]["labels"].get("job-name") == job["metadata"]["name"]]
     previous = shared.known_status(owner)
     fields, conds = statuses.vectorindex(job, pods, previous)
-    if any(cond["reason"] == c.AWAITING_RESULT for cond in conds):  # look again once the report is overdue
-        shared.request_refresh(key, lambda: refresh(key), work="overdue-result",
-                               delay=statuses.RESULT_GRACE_SECONDS + 1)
+    shared.recheck_if_awaiting_result(key, conds, refresh)
     fields["progressText"] = fields.get("progressText") or {"Pending": "pending", "Running": "starting",
                                                             "Failed": "failed"}.get(fields["phase"], "")
     if spec.schedule:

@@ -12,14 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 from ragtune.api.finetunejob import FineTuneJobSpec
-from ragtune.api.workload import FineTuneConfig
+from ragtune.api.workload import MODEL_STAGING, FineTuneConfig
 
-from ragtune_workloads.s3 import S3LocationError, stage_folder
+from ragtune_workloads.s3 import S3LocationError, stage_model
 
 from .errors import ConfigError, ModelNotFoundError
-
-# Where a model in S3 is copied when the config names no directory for it.
-DEFAULT_MODEL_STAGING = "/tmp/ragtune-model"
 
 Engine = Literal["unsloth", "trl"]
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -101,15 +98,10 @@ def resolve_model_source(config: FineTuneConfig) -> str:
     copied into that directory first (the operator points it at the pod's scratch volume)."""
     model = config.spec.model
     if model.source == "s3" and model.s3 is not None:
-        path = Path(config.model_path or DEFAULT_MODEL_STAGING)
         try:
-            stage_folder(model.s3.uri, model.s3.endpoint, path, "model.s3")
+            return str(stage_model(model.s3.uri, model.s3.endpoint, Path(config.model_path or MODEL_STAGING)))
         except S3LocationError as exc:
             raise ModelNotFoundError(str(exc)) from None
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"model.s3.uri {model.s3.uri} holds no config.json: point it at the folder "
-                                     "with the model's config.json and weights")
-        return str(path)
     if config.model_path:
         path = Path(config.model_path)
         if not (path / "config.json").is_file():

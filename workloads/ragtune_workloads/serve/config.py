@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ragtune.api.workload import ServeConfig
+from ragtune.api.workload import MODEL_STAGING, ServeConfig
 
 from .engines import EngineSettings, local_adapter_path
 
@@ -89,24 +89,19 @@ def model_context_length(model: str, configured: int) -> int:
     return min(configured, trained) if trained else configured
 
 
-# Where files in S3 are copied to when the config names no directory for them (the pod's scratch volume).
-MODEL_STAGING = "/tmp/ragtune-model"
+# Where an adapter in S3 is copied to (the pod's scratch volume).
 ADAPTER_STAGING = "/tmp/ragtune-adapters"
 
 
 def stage_files(config: ServeConfig) -> ServeConfig:
     """The config with a base model or adapter in S3 copied into the pod and named by its local directory. Each
     process that loads them calls this; the copy is made once per pod (`stage_folder`)."""
-    from ragtune_workloads.s3 import S3LocationError, stage_folder
+    from ragtune_workloads.s3 import S3LocationError, stage_folder, stage_model
 
     model, adapter, update = config.spec.model, config.adapter, {}
     try:
         if model.source == "s3" and model.s3 is not None:
-            path = Path(config.model_path or MODEL_STAGING)
-            stage_folder(model.s3.uri, model.s3.endpoint, path, "model.s3")
-            if not (path / "config.json").is_file():
-                raise ConfigError(f"model.s3.uri {model.s3.uri} holds no config.json: point it at the folder with "
-                                  "the model's config.json and weights")
+            path = stage_model(model.s3.uri, model.s3.endpoint, Path(config.model_path or MODEL_STAGING))
             update["model_path"] = str(path)
         if adapter is not None and adapter.path.startswith("s3://"):
             path = Path(ADAPTER_STAGING) / adapter.name
