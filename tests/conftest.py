@@ -52,8 +52,36 @@ def ragtune_operator(kube: Kube, crds, tmp_path_factory):
     """One operator process for the session; tests that kill it restart it before they end."""
     operator = OperatorProcess(kube.kubeconfig, tmp_path_factory.mktemp("operator"))
     operator.start()
+    OPERATORS.append(operator)
     yield operator
+    OPERATORS.remove(operator)
     operator.stop()
+
+
+# The session's operator, for the failure report of a test that ran beside it, and where its log stood when
+# each test began.
+OPERATORS: list[OperatorProcess] = []
+LOG_START = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Remembers where the operator's log stood when the test began."""
+    item.stash[LOG_START] = [(op, op.starts, op.log_size()) for op in OPERATORS]
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries what the operator logged while it ran: a controller test that times out
+    waiting for a status says little without it."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for operator, starts, offset in item.stash.get(LOG_START, []):
+        text = operator.log_since(offset if operator.starts == starts else 0)
+        report.sections.append((f"operator log during the test ({operator.log_path.name})", text))
 
 
 @pytest.fixture

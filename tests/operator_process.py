@@ -80,6 +80,21 @@ class OperatorProcess:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def log_since(self, offset: int, lines: int = 300) -> str:
+        """The log written after `offset` (its last `lines` lines): what the operator did during one test."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset if offset <= self.log_size() else 0)
+                return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
