@@ -83,3 +83,47 @@ def test_an_unreachable_milvus_server_never_blocks_deletion(kube, namespace):
     kube.wait_gone(API, "VectorIndex", "remote", namespace, timeout=120)
     assert time.monotonic() - started < 120
     assert any(e["reason"] == "CollectionNotDropped" for e in kube.events(namespace, "remote"))
+
+
+@pytest.fixture
+def crd_older_than_the_operator(kube, crds):
+    """The VectorIndex CRD as an older release might have left it (Helm never upgrades a chart's CRDs): any spec
+    is admitted. The release's CRD is put back afterwards."""
+    crd = kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "vectorindexes.ragtune.io")
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    schema["properties"]["spec"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    for field in ("resourceVersion", "managedFields", "uid", "creationTimestamp", "generation"):
+        crd["metadata"].pop(field, None)
+    crd.pop("status", None)
+    kube.apply(crd)
+    yield
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds / "ragtune.io_vectorindexes.yaml"))
+
+
+def test_a_spec_admission_let_through_says_which_field_to_fix(kube, namespace, crd_older_than_the_operator):
+    volume_for_claim(kube, namespace, "docs-store")
+    kube.apply(vectorindex("docs"), namespace)
+    job = index_job(kube, namespace, "docs")
+    kube.wait_condition("batch/v1", "Job", job, namespace, "Complete")
+    report_result(kube, namespace, job, index_result("v1"))
+    wait_ready(kube, "VectorIndex", "docs", namespace)
+
+    # An invalid change to a serving index: readers keep the active version, the object names the field.
+    kube.apply(vectorindex("docs", chunking={"size": 4}), namespace)
+    kept = wait_ready(kube, "VectorIndex", "docs", namespace, "True", reason="InvalidSpec")
+    message = kube.condition(kept, "Ready")["message"]
+    assert "spec.chunking.size" in message and "crds/" in message and "previous version keeps serving" in message
+    assert kube.condition(kept, "Failed")["status"] == "True"
+    assert kept["status"]["activeVersion"] == "v1"
+    assert [j["metadata"]["name"] for j in kube.list("batch/v1", "Job", namespace)] == [job], "no run for it"
+
+    # A new object that was never valid is not Ready; once fixed it indexes.
+    volume_for_claim(kube, namespace, "fresh-store")
+    kube.apply(vectorindex("fresh", chunking={"strategy": "sentences"}), namespace)
+    refused = wait_ready(kube, "VectorIndex", "fresh", namespace, "False", reason="InvalidSpec")
+    assert "spec.chunking.strategy" in kube.condition(refused, "Ready")["message"]
+    assert refused["status"]["phase"] == "Failed"
+    kube.apply(vectorindex("fresh"), namespace)
+    index_job(kube, namespace, "fresh")
+    kube.wait_for(lambda: kube.condition(kube.get(API, "VectorIndex", "fresh", namespace), "Ready")["reason"]
+                  != "InvalidSpec", "the fixed spec to be reconciled")

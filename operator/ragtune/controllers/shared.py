@@ -69,6 +69,10 @@ def instrumented(kind: str) -> Callable:
             started = time.perf_counter()
             try:
                 result = fn(*args, **kwargs)
+            except InvalidSpec as exc:  # the object says why, not only the operator's log
+                RECONCILES.labels(kind, "error").inc()
+                report_invalid_spec(kind, dict(kwargs["body"]), exc)
+                raise
             except kopf.TemporaryError:
                 RECONCILES.labels(kind, "retry").inc()
                 raise
@@ -275,13 +279,46 @@ def compact_owner(body: dict[str, Any]) -> dict[str, Any]:
             "spec": body.get("spec"), "status": body.get("status")}
 
 
+class InvalidSpec(kopf.PermanentError):
+    """A spec the operator's models refuse that admission let through: the installed CRDs are older than the
+    operator (Helm installs a chart's CRDs but never upgrades them). Retrying cannot help."""
+
+
+PLURALS = {"FineTuneJob": "finetunejobs", "VectorIndex": "vectorindexes", "HybridEndpoint": "hybridendpoints"}
+
+
 def parse_spec(model: type[Any], spec: dict[str, Any]) -> Any:
-    """The spec as its pydantic model. Admission should have refused an invalid one; if one got through (an old
-    CRD, say), say what is wrong and stop retrying."""
+    """The spec as its pydantic model. Admission should have refused an invalid one; if one got through, say which
+    field is wrong and stop retrying."""
     try:
         return model.model_validate(dict(spec))
     except ValidationError as exc:
-        raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+        problems = "; ".join(f"spec.{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+                             for error in exc.errors())
+        raise InvalidSpec(f"invalid spec: {problems}. Fix the field and apply the object again (a FineTuneJob's "
+                          "spec cannot change: delete it and create it again); admission did not refuse it, so "
+                          "the installed CRDs are older than the operator: apply this release's crds/") from exc
+
+
+def report_invalid_spec(kind: str, body: dict[str, Any], exc: InvalidSpec) -> None:
+    """Reason InvalidSpec with the fields to fix on the object's conditions. What an index or an endpoint already
+    serves stays served (the last valid spec's workload is left as it is), and Ready says so."""
+    message = str(exc)
+    current = known_status(body)
+    serving = bool(current.get("activeVersion") if kind == "VectorIndex" else
+                   current.get("served") if kind == "HybridEndpoint" else False)
+    kept = "; the previous version keeps serving" if serving else ""
+    conds = [c.condition(c.READY, serving, c.INVALID_SPEC, message + kept),
+             c.condition(c.PROGRESSING, False, c.INVALID_SPEC, message)]
+    fields: dict[str, Any] = {"phase": "Degraded" if serving and kind == "HybridEndpoint" else "Failed"}
+    if kind != "HybridEndpoint":
+        conds.append(c.condition(c.FAILED, True, c.INVALID_SPEC, message))
+        fields["progressText"] = "invalid spec"
+    try:
+        write_status(PLURALS[kind], body, fields, conds)
+    except Exception:  # the log still has it
+        log.exception("could not report the invalid spec of %s %s/%s", kind, body["metadata"].get("namespace"),
+                      body["metadata"].get("name"))
 
 
 def remember_owner(kind: str, body: kopf.Body, namespace: str, name: str) -> tuple[tuple[str, str, str], dict]:
@@ -334,7 +371,7 @@ def record_child(kind: str, cache_: cache.ChildCache, compact: Callable, namespa
 
 WARNING_REASONS = {c.JOB_FAILED, c.BACKOFF_LIMIT_EXCEEDED, c.DEADLINE_EXCEEDED, c.UNSCHEDULABLE,
                    c.BASE_MODEL_MISMATCH, c.ADAPTER_NOT_PROMOTABLE, c.REFERENCE_FAILED, c.REFERENCE_NOT_FOUND,
-                   c.EVALUATION_BELOW_THRESHOLD, c.MINIMUM_REPLICAS_UNAVAILABLE, c.RESULT_MISSING,
+                   c.EVALUATION_BELOW_THRESHOLD, c.MINIMUM_REPLICAS_UNAVAILABLE, c.RESULT_MISSING, c.INVALID_SPEC,
                    *statuses.STUCK}
 
 
