@@ -11,17 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import ssl
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from ragtune.api.workload import PROGRESS_ANNOTATION, RESULT_ANNOTATION
 
+from . import kubeapi
+
 log = logging.getLogger(__name__)
-SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TERMINATION_LOG = Path(os.environ.get("RAGTUNE_TERMINATION_LOG", "/dev/termination-log"))
 
 
@@ -62,24 +61,15 @@ class Reporter:
             current = json.loads(path.read_text()) if path.exists() else {}
             current.update(annotations)
             path.write_text(json.dumps(current))
-        if self.pod and self.namespace and (SA_DIR / "token").exists():
+        if self.pod and self.namespace and (kubeapi.serviceaccount_dir() / "token").exists():
             try:
                 self._patch_pod(annotations)
             except Exception as exc:  # progress is best effort; the run must not fail because of it
                 log.warning("could not publish progress to pod %s: %s", self.pod, exc)
 
     def _patch_pod(self, annotations: dict[str, str]) -> None:
-        host = os.environ.get("KUBERNETES_SERVICE_HOST", "kubernetes.default.svc")
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        url = f"https://{host}:{port}/api/v1/namespaces/{self.namespace}/pods/{self.pod}"
-        body = json.dumps({"metadata": {"annotations": annotations}}).encode()
-        request = urllib.request.Request(url, data=body, method="PATCH", headers={
-            "Authorization": f"Bearer {(SA_DIR / 'token').read_text().strip()}",
-            "Content-Type": "application/merge-patch+json",
-        })
-        context = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
-        with urllib.request.urlopen(request, timeout=5, context=context) as response:
-            response.read()
+        kubeapi.call("PATCH", f"/api/v1/namespaces/{self.namespace}/pods/{self.pod}",
+                     {"metadata": {"annotations": annotations}}, content_type="application/merge-patch+json")
 
 
 def termination_text(result: dict[str, Any], limit: int = 4000) -> str:
