@@ -221,9 +221,12 @@ def vectorindex(job: dict | None, pods: list[dict], previous: dict[str, Any],
         status["jobName"] = job["metadata"]["name"]
     progress = annotation_json(newest(pods), PROGRESS_ANNOTATION)
     if progress:
-        status["progress"] = {k: v for k, v in progress.items() if k != "updatedAt" and k != "phase"}
-        status["progressText"] = progress_text(progress, "chunks", "chunksTotal") or progress_text(
-            progress, "documents", "documentsTotal")
+        status["progress"] = {k: v for k, v in progress.items() if k not in ("updatedAt", "phase", "waitingFor")}
+        if progress.get("phase") == "Waiting":  # another run of this index holds the store
+            status["progressText"] = f"waiting for {progress.get('waitingFor') or 'another index run'} to finish"
+        else:
+            status["progressText"] = progress_text(progress, "chunks", "chunksTotal") or progress_text(
+                progress, "documents", "documentsTotal")
     has_active = bool(previous.get("activeVersion"))
     conds = []
     if phase == "Succeeded":

@@ -36,6 +36,14 @@ def test_progress_annotation_becomes_status_and_a_progress_column():
     assert next(c for c in conds if c["type"] == "Ready")["reason"] == "JobRunning"
 
 
+def test_an_index_run_waiting_for_another_run_says_whom_it_waits_for():
+    waiting = pod(annotations={"ragtune.io/progress": json.dumps(
+        {"phase": "Waiting", "waitingFor": "docs-7f3a-x2k", "documents": 0, "documentsTotal": 0})})
+    fields, _ = statuses.vectorindex(job(active=1), [waiting], {"activeVersion": "v1"})
+    assert fields["progressText"] == "waiting for docs-7f3a-x2k to finish"
+    assert "waitingFor" not in fields["progress"]
+
+
 def test_a_finished_index_run_reports_counts_and_skipped_files():
     done = job(conditions=[{"type": "Complete", "status": "True"}], completionTime="2026-01-01T00:01:00Z")
     result = {"documents": 3, "chunks": 9, "dimension": 384, "activeVersion": "v2", "activeCollection": "d_v2",

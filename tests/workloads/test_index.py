@@ -651,16 +651,27 @@ def test_the_index_run_and_the_endpoint_send_the_token_from_the_environment(refu
     assert len(calls) >= 2 and sent == ["root:s3cret"] * len(calls)
 
 
-def test_a_second_index_run_on_the_same_store_is_refused_while_one_runs(tmp_path):
+def test_a_second_index_run_on_the_same_store_waits_for_the_first(tmp_path):
+    import threading
+
     from ragtune_workloads.index.store import LiteStore, StoreError
 
     first, second = LiteStore(tmp_path, "docs"), LiteStore(tmp_path, "docs")
     with first.exclusive():
-        with pytest.raises(StoreError, match="another index run is writing"):
-            with second.exclusive():
+        with pytest.raises(StoreError, match="another index run is writing .* did not finish within 1s"):
+            with second.exclusive(wait=1.0):
                 pass
-    with second.exclusive():  # released when the first run ends
-        pass
+    waits, order = [], []
+    with first.exclusive():
+        def run_second():
+            with second.exclusive(wait=30.0, on_wait=waits.append):
+                order.append("second")
+        thread = threading.Thread(target=run_second)
+        thread.start()
+        time.sleep(1.5)
+        order.append("first")
+    thread.join(10)
+    assert order == ["first", "second"] and waits and set(waits) == {"another index run"}
 
 
 @pytest.mark.parametrize("metric,index_type", [("COSINE", "HNSW"), ("IP", "FLAT"), ("L2", "IVF_FLAT"),

@@ -135,14 +135,17 @@ def config_volume(config_map_name: str) -> tuple[dict[str, Any], dict[str, Any]]
 
 
 def workload_rbac(namespace: str) -> list[dict[str, Any]]:
-    """The workloads' identity in a namespace: it may read and annotate Pods there (its progress) — nothing else."""
+    """The workloads' identity in a namespace: it may read and annotate Pods there (its progress), and hold Leases
+    there (an index run on a Milvus server holds one while it writes) — nothing else."""
     meta = {"namespace": namespace, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY,
                                                "app.kubernetes.io/part-of": "ragtune"}}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": WORKLOAD_SERVICE_ACCOUNT, **meta}},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
          "metadata": {"name": WORKLOAD_SERVICE_ACCOUNT, **meta},
-         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]},
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
+                   {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                    "verbs": ["get", "create", "update", "delete"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": {"name": WORKLOAD_SERVICE_ACCOUNT, **meta},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": WORKLOAD_SERVICE_ACCOUNT},

@@ -75,6 +75,10 @@ class Progress:
         self.fields.update(fields)
         self.reporter.progress(force=force, **self.fields)
 
+    def waiting(self, holder: str) -> None:
+        """Another run of this index holds the store: say whom this one waits for (at once the first time)."""
+        self.update(force=self.fields.get("phase") != "Waiting", phase="Waiting", waitingFor=holder)
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             self.reporter.progress(force=True, **self.fields)
@@ -135,7 +139,8 @@ def run_index(config: IndexConfig, reporter: Any, embedder: Embedder | None = No
         progress.update(force=True, phase="Loading", documents=0, documentsTotal=0, chunks=0, chunksTotal=0)
         loaded = load_documents(config)
         store = open_store(config.store_uri, config.collection)
-        with store.exclusive():
+        with store.exclusive(on_wait=progress.waiting):
+            progress.fields.pop("waitingFor", None)
             progress.update(force=True, phase="LoadingModel", documentsTotal=len(loaded.documents))
             embedder = embedder or Embedder(ModelRef(spec.embedding.model, config.model_path),
                                             spec.embedding.backend, spec.embedding.batch_size,

@@ -11,6 +11,9 @@ reader sees the old version or the new one, never a half-written or empty one.
   published. Publishing is an atomic rename of `<root>/<alias>/current.json`. A published version file is never
   written again; readers copy it to private storage and open the copy (see `retrieval`), so any number of readers
   and the next index run never contend for a lock.
+
+Two index runs of one store never write at once (`exclusive`): a lock file for milvus-lite, a Lease (see `lease`)
+for a server.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .. import kubeapi
+from ..lease import RunLease, lease_name
 
 SCHEMA_VERSION = 1
 # What milvus-lite 3.2 really builds. It accepts IVF_PQ, DISKANN and SCANN, reports success and then fails in
@@ -41,6 +47,11 @@ POINTER_FILE = "current.json"
 VERSION_FILE = "version.json"
 VERSION_DIR = re.compile(r"^v(\d+)$")
 INSERT_BATCH = 2000
+# How long an index run waits for another run of the same index to finish (a scheduled run and the run of a changed
+# spec can overlap); the Job's activeDeadlineSeconds bounds it too.
+RUN_WAIT_SECONDS = 6 * 3600.0
+LEASE_SECONDS = 30.0  # a dead run's Lease is taken over after this long unchanged
+OnWait = Callable[[str], None]
 
 
 class StoreError(RuntimeError):
@@ -198,13 +209,22 @@ class LiteStore:
             raise StoreError(f"milvus-lite store {root} is not writable: {exc.strerror or exc}") from None
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Held for a whole index run: two runs would pick the same next version and delete each other's."""
+    def exclusive(self, wait: float = RUN_WAIT_SECONDS, on_wait: OnWait | None = None) -> Iterator[None]:
+        """Held for a whole index run: two runs would pick the same next version and delete each other's. A second
+        run waits for the first to finish (up to `wait` seconds)."""
+        deadline = time.monotonic() + wait
         with open(self.dir / ".index.lock", "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreError(f"another index run is writing {self.dir}; try again when it has finished") from None
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreError(f"another index run is writing {self.dir} and did not finish within "
+                                         f"{wait:.0f}s; try again when it has finished") from None
+                    if on_wait:
+                        on_wait("another index run")
+                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             yield
 
     @property
@@ -275,11 +295,28 @@ class ServerStore:
     def __init__(self, client, alias: str):
         self.client = client
         self.alias = alias
+        self.lease: RunLease | None = None
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        # One index Job per VectorIndex is the operator's job here; a server has no shared file to lock.
-        yield
+    def exclusive(self, wait: float = RUN_WAIT_SECONDS, on_wait: OnWait | None = None) -> Iterator[None]:
+        """Held for a whole index run (see LiteStore.exclusive). A server has no shared file to lock: in a cluster
+        the run holds a Lease named after the collection in its namespace; outside one nothing else coordinates."""
+        namespace, pod = os.environ.get("POD_NAMESPACE"), os.environ.get("POD_NAME")
+        if not (namespace and pod and kubeapi.in_cluster()):
+            yield
+            return
+        lease = RunLease(namespace, lease_name("ragtune-index", self.alias), pod, LEASE_SECONDS)
+        try:
+            lease.acquire(wait, on_wait)
+        except TimeoutError as exc:
+            raise StoreError(f"another index run is writing collection {self.alias}: {exc}; try again when it "
+                             "has finished") from None
+        self.lease = lease
+        try:
+            yield
+        finally:
+            self.lease = None
+            lease.release()
 
     def active(self) -> VersionInfo | None:
         try:
@@ -302,6 +339,10 @@ class ServerStore:
         write_version(self.client, info, rows)
 
     def publish(self, info: VersionInfo) -> None:
+        if self.lease is not None and self.lease.lost_to:
+            raise StoreError(f"index run {self.lease.lost_to} took over collection {self.alias} while this run "
+                             f"wrote {info.collection} (this run could not renew its Lease in time): nothing "
+                             "published")
         if self.active() is None:
             self.client.create_alias(info.collection, self.alias)
         else:
