@@ -762,6 +762,18 @@ def test_a_damaged_vector_cache_costs_a_re_embedding_not_the_run(tmp_path):
         assert VectorCache.load(tmp_path, "fp").vectors == {}
 
 
+def test_a_vector_cache_from_before_model_files_were_recorded_is_kept(tmp_path):
+    from ragtune_workloads.index.state import CACHE_FILE, VectorCache, keys_array
+
+    keys = [bytes([1]) * 32]
+    np.savez(tmp_path / CACHE_FILE, fingerprint=np.array("fp"), keys=keys_array(keys),
+             vectors=np.ones((1, 4), dtype=np.float32))  # as earlier releases wrote it
+    kept = VectorCache.load(tmp_path, "fp", model_files="abc")
+    assert set(kept.vectors) == set(keys) and not kept.model_replaced
+    kept.save(tmp_path, keys, np.ones((1, 4), dtype=np.float32))
+    assert VectorCache.load(tmp_path, "fp", model_files="def").model_replaced
+
+
 def test_pruning_keeps_complete_versions_and_drops_what_a_crash_left(tmp_path):
     from ragtune_workloads.index.store import VERSION_FILE, LiteStore, VersionInfo, atomic_write_json
 
@@ -780,3 +792,43 @@ def test_pruning_keeps_complete_versions_and_drops_what_a_crash_left(tmp_path):
     store.publish(version(3, True))
     assert store.prune(retain=2) == ["v2"]  # v1 is the version to go back to, and stays
     assert store.versions() == [1, 3]
+
+
+def test_a_model_replaced_under_the_same_name_embeds_every_chunk_again(tmp_path, model_path):
+    """A fine-tuned embedding model copied over the old one at the same path: the cached vectors are the old
+    model's, and mixing them with the new model's would rank silently worse."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import fast_backend
+
+    model, corpus = tmp_path / "model", tmp_path / "corpus"
+    shutil.copytree(model_path, model)
+    corpus.mkdir()
+    for number, text in enumerate(["Laminar flow over a flat plate.", "Shock waves at transonic speed.",
+                                   "Heat transfer in hypersonic boundary layers."]):
+        (corpus / f"{number}.txt").write_text(text + "\n")
+    config = index_config(corpus, tmp_path / "store", str(model), collection="small", state=tmp_path / "state")
+
+    def run() -> dict:
+        return run_index(config, RecordingReporter(), embedder=Embedder(ModelRef(MODEL_NAME, str(model)),
+                                                                        backend=fast_backend()))
+
+    first = run()
+    (model / "README.md").write_text("retrained for our documents\n")  # words about the model change nothing
+    unchanged = run()
+    assert (unchanged["embedded"], unchanged["activeVersion"]) == (0, first["activeVersion"])
+
+    weights = load_file(model / "model.safetensors")
+    name = next(key for key in weights if key.endswith("layer.0.attention.self.query.weight"))
+    weights[name] = weights[name] + 0.05 * torch_randn_like(weights[name])
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    replaced = run()
+    assert replaced["embedded"] == replaced["chunks"] == first["chunks"]
+    assert replaced["activeVersion"] == "v2", "the new model's vectors are published"
+    assert run()["embedded"] == 0
+
+
+def torch_randn_like(tensor):
+    import torch
+
+    return torch.randn_like(tensor, generator=torch.Generator().manual_seed(0))

@@ -351,6 +351,38 @@ def use_exported_runtime(model, ref: ModelRef, backend: str = "onnx", precision:
     model._ragtune_runner = (runner, input_names)  # for Embedder's direct path
 
 
+def model_directory(ref: ModelRef) -> Path | None:
+    """Where the model's files are: its path, else its snapshot in the local hub cache; None if unknown."""
+    if ref.path:
+        return Path(ref.path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref.name, local_files_only=True))
+    except Exception:  # not a hub model, or not cached under the hub's layout
+        return None
+
+
+def model_files_digest(directory: Path) -> str:
+    """sha256 of what decides the model's vectors: the files at its top (weights, tokenizer, configs; not its
+    README) and those of the modules modules.json names (pooling, normalisation). A model replaced under the same
+    name gives another digest."""
+    try:
+        modules = json.loads((directory / "modules.json").read_text())
+        module_dirs = [directory / m["path"] for m in modules if m.get("path")]
+    except (OSError, ValueError, TypeError, KeyError):
+        module_dirs = []
+    files = [f for folder in (directory, *module_dirs) if folder.is_dir() for f in sorted(folder.iterdir())
+             if f.is_file() and not f.name.startswith(".") and f.suffix.lower() != ".md"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(directory)}\0".encode())
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def load_sentence_transformer(ref: ModelRef, backend: str = "torch", device: str | None = None,
                               precision: str = "fp32", threads: int | None = None, wide_threads: int | None = None):
     location = ref.path or ref.name
@@ -462,6 +494,12 @@ class Embedder:
     @property
     def name(self) -> str:
         return self.ref.name
+
+    @functools.cached_property
+    def files_digest(self) -> str:
+        """The digest of the model's files (see model_files_digest); "" where they cannot be found."""
+        directory = model_directory(self.ref)
+        return model_files_digest(directory) if directory and directory.is_dir() else ""
 
     @property
     def max_chunk_tokens(self) -> int:

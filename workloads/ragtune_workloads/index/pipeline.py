@@ -177,7 +177,11 @@ def index_documents(config: IndexConfig, loaded: LoadResult, embedder: Embedder,
     chunks, chunks_fp = chunk_all(loaded.documents, embedder, config, progress)
     texts = [embedding_text(chunk, spec.embedding.context) for chunk in chunks]
     keys = [content_key(text) for text in texts]
-    cache = VectorCache.load(state_dir, vectors_fp)
+    model_files = getattr(embedder, "files_digest", "")
+    cache = VectorCache.load(state_dir, vectors_fp, model_files)
+    if cache.model_replaced:
+        log.warning("the embedding model's files changed since the last run (%s): every chunk is embedded again",
+                    embedder.name)
     plan = Plan(chunks, texts, [row_id(vectors_fp, chunks_fp, c, t) for c, t in zip(chunks, texts)], keys,
                 [i for i, key in enumerate(keys) if cache.get(key) is None])
     vectors = embed_missing(plan, cache, embedder, progress)
@@ -189,15 +193,18 @@ def index_documents(config: IndexConfig, loaded: LoadResult, embedder: Embedder,
     current_ids = frozenset(plan.ids)
     layout_fp = digest(chunks_fp, spec.store.index_type, spec.store.metric)[:16]
     dropped: list[str] = []
+    same_model = not cache.model_replaced and (not active or not active.model_files or not model_files
+                                                or active.model_files == model_files)
     if (active is not None and previous_ids == current_ids and active.layout_fingerprint == layout_fp
-            and active.vectors_fingerprint == vectors_fp):
+            and active.vectors_fingerprint == vectors_fp and same_model):
         info = active  # nothing changed: readers keep the version they have
     else:
         info = VersionInfo(alias=config.collection, version=store.next_version(), embedding_model=embedder.name,
                            dimension=embedder.dimension, metric=spec.store.metric,
                            index_type=spec.store.index_type, chunks=len(chunks), documents=len(loaded.documents),
                            vectors_fingerprint=vectors_fp, layout_fingerprint=layout_fp,
-                           search_params=index_params(spec.store.index_type, len(chunks))[1], created_at=now())
+                           search_params=index_params(spec.store.index_type, len(chunks))[1], created_at=now(),
+                           model_files=model_files)
         progress.update(force=True, phase="Writing", chunks=len(chunks))
         store.write(info, Rows(plan.ids, vectors, [c.text for c in chunks], row_metadata(chunks)))
         progress.update(force=True, phase="Switching")

@@ -31,23 +31,30 @@ def keys_array(keys: list[bytes]) -> np.ndarray:
 
 @dataclass
 class VectorCache:
-    """Vectors keyed by sha256 of the embedded text, valid for one vectors fingerprint (model, backend, …)."""
+    """Vectors keyed by sha256 of the embedded text, valid for one vectors fingerprint (model, backend, …) and one
+    set of model files (`model_files`, their digest: a model replaced under the same name). A cache from before
+    the files were recorded is kept."""
 
     fingerprint: str
     vectors: dict[bytes, np.ndarray] = field(default_factory=dict)
+    model_files: str = ""
+    model_replaced: bool = False  # the cache was dropped because the model's files changed
 
     @classmethod
-    def load(cls, directory: Path, fingerprint: str) -> VectorCache:
+    def load(cls, directory: Path, fingerprint: str, model_files: str = "") -> VectorCache:
         path = directory / CACHE_FILE
         try:
             with np.load(path, allow_pickle=False) as data:
                 if str(data["fingerprint"]) != fingerprint:
-                    return cls(fingerprint)
+                    return cls(fingerprint, model_files=model_files)
+                recorded = str(data["model_files"]) if "model_files" in data.files else ""
+                if recorded and model_files and recorded != model_files:
+                    return cls(fingerprint, model_files=model_files, model_replaced=True)
                 keys, vectors = data["keys"], data["vectors"]
         except (FileNotFoundError, KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile):
             # missing or damaged (a node that died mid-write): losing it costs a re-embedding, nothing more
-            return cls(fingerprint)
-        return cls(fingerprint, {key.tobytes(): vector for key, vector in zip(keys, vectors)})
+            return cls(fingerprint, model_files=model_files)
+        return cls(fingerprint, {key.tobytes(): vector for key, vector in zip(keys, vectors)}, model_files)
 
     def get(self, key: bytes) -> np.ndarray | None:
         return self.vectors.get(key)
@@ -56,7 +63,8 @@ class VectorCache:
         """Keeps exactly the given keys: vectors of chunks no longer indexed are forgotten."""
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".vectors.", suffix=".npz", delete=False) as tmp:
-            np.savez(tmp, fingerprint=np.array(self.fingerprint), keys=keys_array(keys),
+            np.savez(tmp, fingerprint=np.array(self.fingerprint), model_files=np.array(self.model_files),
+                     keys=keys_array(keys),
                      vectors=vectors.astype(np.float32))
             tmp.flush()
             os.fsync(tmp.fileno())

@@ -75,6 +75,7 @@ class VersionInfo:
     search_params: dict = field(default_factory=dict)
     created_at: str = ""
     schema_version: int = SCHEMA_VERSION
+    model_files: str = ""  # digest of the embedding model's files ("" where unknown, or before it was recorded)
 
     @property
     def name(self) -> str:
