@@ -609,6 +609,56 @@ def test_server_layout_moves_the_alias_between_collection_versions(tmp_path):
         client.close()
 
 
+def test_a_server_store_stays_incremental_when_the_state_directory_is_gone(tmp_path, model_path):
+    """A Milvus server's index Job keeps its state in the pod, so each run starts without it: the rows and
+    vectors of the active version are read back from the server (driven through pymilvus against a milvus-lite
+    file, as above)."""
+    from pymilvus import MilvusClient
+
+    from conftest import fast_backend
+    from ragtune_workloads.index.pipeline import Progress, index_documents, load_documents
+    from ragtune_workloads.index.store import ServerStore
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for number in range(6):
+        (corpus / f"{number}.txt").write_text(f"Report {number}: pressure distribution on a swept wing at Mach "
+                                              f"{number}.{number}, measured in the transonic tunnel.\n")
+    state = tmp_path / "state"
+    config = index_config(corpus, tmp_path / "unused", model_path, collection="docs", state=state,
+                          spec={"embedding": {"context": "none"}})  # the model reads the stored text
+    embedder = Embedder(ModelRef(MODEL_NAME, model_path), backend=fast_backend())
+    client = MilvusClient(str(tmp_path / "server.db"))
+
+    def run() -> dict:
+        shutil.rmtree(state, ignore_errors=True)  # a new pod: nothing of the last run's state
+        progress = Progress(RecordingReporter())
+        try:
+            return index_documents(config, load_documents(config), embedder, ServerStore(client, "docs"), progress)
+        finally:
+            progress.stop()
+
+    try:
+        first = run()
+        assert first["embedded"] == first["chunks"] == 6 and first["activeVersion"] == "v1"
+        unchanged = run()
+        assert (unchanged["embedded"], unchanged["added"], unchanged["kept"]) == (0, 0, 6)
+        assert unchanged["activeVersion"] == "v1", "nothing changed: no new version on the server"
+
+        (corpus / "2.txt").write_text("Icing on helicopter rotor blades in arctic winter conditions.\n")
+        changed = run()
+        assert (changed["embedded"], changed["added"], changed["removed"], changed["kept"]) == (1, 1, 1, 5)
+        assert changed["activeVersion"] == "v2"
+        stored = ServerStore(client, "docs")
+        rows = client.query("docs", filter='id != ""', output_fields=["id", "vector", "text"], limit=100)
+        fresh = embedder.embed_documents([row["text"] for row in rows])
+        assert np.allclose(np.asarray([row["vector"] for row in rows]), fresh, atol=1e-4), \
+            "vectors read back are the ones the model gives"
+        assert stored.row_ids(stored.active()) == frozenset(row["id"] for row in rows)
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def refusing_milvus():
     """A gRPC server on loopback that refuses every call as a Milvus server refuses a bad token, and records the

@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,21 @@ def chunk_all(documents: list[Document], embedder: Embedder, config: IndexConfig
     return chunks, chunking_fingerprint(spec.strategy, size, overlap)
 
 
+def reuse_stored_vectors(plan: Plan, cache: VectorCache, store, active: VersionInfo,
+                         stored_ids: frozenset[str]) -> Plan:
+    """The plan with the vectors of rows the active version already holds taken from it instead of embedded."""
+    wanted = [plan.ids[i] for i in plan.missing if plan.ids[i] in stored_ids]
+    if not wanted:
+        return plan
+    found = store.vectors(active, wanted)
+    for position in plan.missing:
+        vector = found.get(plan.ids[position])
+        if vector is not None:
+            cache.vectors[plan.keys[position]] = vector
+    log.info("read %d unchanged rows' vectors back from %s", len(found), active.collection)
+    return replace(plan, missing=[i for i in plan.missing if cache.get(plan.keys[i]) is None])
+
+
 def embed_missing(plan: Plan, cache: VectorCache, embedder: Embedder, progress: Progress) -> np.ndarray:
     vectors = np.zeros((len(plan.chunks), embedder.dimension), dtype=np.float32)
     for position, key in enumerate(plan.keys):
@@ -184,17 +199,27 @@ def index_documents(config: IndexConfig, loaded: LoadResult, embedder: Embedder,
                     embedder.name)
     plan = Plan(chunks, texts, [row_id(vectors_fp, chunks_fp, c, t) for c, t in zip(chunks, texts)], keys,
                 [i for i, key in enumerate(keys) if cache.get(key) is None])
+    active = store.active()
+    same_model = not cache.model_replaced and (not active or not active.model_files or not model_files
+                                                or active.model_files == model_files)
+    manifest = Manifest.load(state_dir)
+    if active and manifest.version == active.version:
+        previous_ids = manifest.row_ids
+    elif active and hasattr(store, "row_ids"):
+        # The state directory is gone (a Milvus server's lives in the pod): what the active version holds is read
+        # back from the server, and its vectors serve unchanged rows (a row id names the text, the model and the
+        # chunking), so a run over unchanged documents still embeds and publishes nothing.
+        previous_ids = store.row_ids(active)
+        if same_model:
+            plan = reuse_stored_vectors(plan, cache, store, active, previous_ids)
+    else:
+        previous_ids = frozenset()
     vectors = embed_missing(plan, cache, embedder, progress)
     cache.save(state_dir, keys, vectors)
 
-    active = store.active()
-    manifest = Manifest.load(state_dir)
-    previous_ids = manifest.row_ids if active and manifest.version == active.version else frozenset()
     current_ids = frozenset(plan.ids)
     layout_fp = digest(chunks_fp, spec.store.index_type, spec.store.metric)[:16]
     dropped: list[str] = []
-    same_model = not cache.model_replaced and (not active or not active.model_files or not model_files
-                                                or active.model_files == model_files)
     if (active is not None and previous_ids == current_ids and active.layout_fingerprint == layout_fp
             and active.vectors_fingerprint == vectors_fp and same_model):
         info = active  # nothing changed: readers keep the version they have
@@ -224,7 +249,8 @@ def row_metadata(chunks: list[Chunk]) -> list[dict]:
 
 
 def default_state_dir(config: IndexConfig) -> Path:
-    """Next to the versions for milvus-lite; a Milvus server needs config.state_path to stay incremental."""
+    """Next to the versions for milvus-lite; in the pod for a Milvus server (each run reads what it needs of the
+    last one back from the server when this is gone)."""
     if is_server_uri(config.store_uri):
         return Path("/tmp/ragtune-index-state") / config.collection
     return Path(config.store_uri) / config.collection / "state"

@@ -47,6 +47,7 @@ POINTER_FILE = "current.json"
 VERSION_FILE = "version.json"
 VERSION_DIR = re.compile(r"^v(\d+)$")
 INSERT_BATCH = 2000
+READ_BATCH = 1000
 # How long an index run waits for another run of the same index to finish (a scheduled run and the run of a changed
 # spec can overlap); the Job's activeDeadlineSeconds bounds it too.
 RUN_WAIT_SECONDS = 6 * 3600.0
@@ -333,6 +334,28 @@ class ServerStore:
     def next_version(self) -> int:
         active = self.active()
         return max([0, *self.versions(), active.version if active else 0]) + 1
+
+    def row_ids(self, info: VersionInfo) -> frozenset[str]:
+        """Every row id of a published version (a run whose state directory is gone reads what it published
+        from the server instead)."""
+        iterator = self.client.query_iterator(info.collection, batch_size=READ_BATCH, filter="",
+                                              output_fields=["id"])
+        ids: set[str] = set()
+        try:
+            while batch := iterator.next():
+                ids.update(row["id"] for row in batch)
+        finally:
+            iterator.close()
+        return frozenset(ids)
+
+    def vectors(self, info: VersionInfo, ids: list[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of these rows of a published version."""
+        found: dict[str, np.ndarray] = {}
+        for first in range(0, len(ids), READ_BATCH):
+            for row in self.client.get(info.collection, ids=ids[first:first + READ_BATCH],
+                                       output_fields=["vector"]):
+                found[row["id"]] = np.asarray(row["vector"], dtype=np.float32)
+        return found
 
     def write(self, info: VersionInfo, rows: Rows) -> None:
         if self.client.has_collection(info.collection):
