@@ -17,22 +17,27 @@ from ragtune_workloads.index.store import ServerStore, StoreError, VersionInfo
 from ragtune_workloads.lease import RunLease, lease_name
 
 
-@pytest.fixture
-def as_workload(kube, namespace, tmp_path, monkeypatch):
+def pod_identity(kube, namespace: str, directory, monkeypatch, rbac: list[dict]) -> None:
     """This process as a workload pod of `namespace` sees the API: its ServiceAccount's token and the cluster CA
     where a pod has them, the API server's address in the environment."""
-    for obj in workload_rbac(namespace):
+    for obj in rbac:
         kube.apply(obj, namespace)
     token = kube.kubectl("create", "token", WORKLOAD_SERVICE_ACCOUNT, "-n", namespace).stdout.strip()
     kubeconfig = yaml.safe_load(kube.kubeconfig.read_text())
     cluster = kubeconfig["clusters"][0]["cluster"]
-    (tmp_path / "token").write_text(token)
-    (tmp_path / "ca.crt").write_bytes(open(cluster["certificate-authority"], "rb").read())
+    (directory / "token").write_text(token)
+    (directory / "ca.crt").write_bytes(open(cluster["certificate-authority"], "rb").read())
     server = urlparse(cluster["server"])
-    monkeypatch.setenv("RAGTUNE_SERVICEACCOUNT_DIR", str(tmp_path))
+    monkeypatch.setenv("RAGTUNE_SERVICEACCOUNT_DIR", str(directory))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", server.hostname)
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
     monkeypatch.setenv("POD_NAMESPACE", namespace)
+
+
+@pytest.fixture
+def as_workload(kube, namespace, tmp_path, monkeypatch):
+    """A workload pod with the Role the operator gives workloads."""
+    pod_identity(kube, namespace, tmp_path, monkeypatch, workload_rbac(namespace))
     return namespace
 
 
@@ -108,3 +113,16 @@ def test_server_store_runs_take_turns_and_a_run_that_lost_the_lease_publishes_no
                                              "published"):
             store.publish(info)
     assert holder(kube, namespace, name) == "index-run-d", "release leaves another run's Lease alone"
+
+
+def test_without_the_right_to_hold_leases_a_run_goes_ahead_and_says_what_to_grant(kube, namespace, tmp_path,
+                                                                                  monkeypatch, caplog):
+    """A Role from before Leases were granted (its operator not upgraded yet): runs go on as they did then."""
+    pod_identity(kube, namespace, tmp_path, monkeypatch, [obj for obj in workload_rbac(namespace)
+                                                          if obj["kind"] == "ServiceAccount"])
+    monkeypatch.setenv("POD_NAME", "index-run-a")
+    ran = False
+    with caplog.at_level("WARNING"), ServerStore(None, "docs_chat").exclusive():
+        ran = True
+    assert ran
+    assert "ragtune-workload" in caplog.text and "coordination.k8s.io leases" in caplog.text

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,7 @@ import numpy as np
 from .. import kubeapi
 from ..lease import RunLease, lease_name
 
+log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 # What milvus-lite 3.2 really builds. It accepts IVF_PQ, DISKANN and SCANN, reports success and then fails in
 # a background thread (falling back to brute force), so those are refused here before any work is done.
@@ -313,6 +315,15 @@ class ServerStore:
         except TimeoutError as exc:
             raise StoreError(f"another index run is writing collection {self.alias}: {exc}; try again when it "
                              "has finished") from None
+        except kubeapi.ApiError as exc:
+            if exc.status != 403:
+                raise
+            # A Role from before Leases were granted: the run goes ahead, as runs did then, and says what to fix.
+            log.warning("no Lease for collection %s (%s): overlapping index runs are not kept apart; let "
+                        "ServiceAccount ragtune-workload in %s get, create, update and delete "
+                        "coordination.k8s.io leases (the operator's Role does)", self.alias, exc, namespace)
+            yield
+            return
         self.lease = lease
         try:
             yield
