@@ -276,6 +276,44 @@ def test_streaming_dont_know_sends_the_answer_without_generation(stack):
     assert metric(stack, "hybrid", "ragtune_generation_latency_seconds_count") == generations_before
 
 
+def test_a_client_that_goes_away_stops_the_generation_it_asked_for(stack):
+    """The colocated endpoint (engine in the ingress replica): a streaming client that disconnects after the first
+    words cancels the request through Ray Serve down to the engine, which stops generating; the request counts as
+    499 and its tokens so far are counted."""
+    ask = {"model": "rag", "messages": [{"role": "user", "content": QUESTION}], "retrieval": "never",
+           "max_tokens": 800, "ignore_eos": True, "temperature": 0}
+    with client(stack, "rag") as http:
+        started = time.monotonic()
+        whole = http.post("/v1/chat/completions", json=ask)
+        generating_all = time.monotonic() - started
+        assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == 800
+        assert whole.json()["choices"][0]["finish_reason"] == "length"
+
+        series = 'ragtune_requests_total{route="/v1/chat/completions",status="499"}'
+
+        def cancelled() -> float:  # no such series until the first one
+            text = httpx.get(f"{stack['urls']['rag']}/metrics", timeout=30).text
+            return float((re.search(rf"^{re.escape(series)} (\S+)$", text, re.M) or [None, 0])[1])
+        before = cancelled()
+        tokens_before = metric(stack, "rag", 'ragtune_tokens_total{kind="completion"}')
+        with http.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break  # the first words: the client goes away
+        left = time.monotonic()
+    stopped = None
+    while time.monotonic() - left < 60:
+        if metric(stack, "rag", "ragtune_generations_in_flight") == 0 and cancelled() == before + 1:
+            stopped = time.monotonic() - left
+            break
+        time.sleep(0.02)
+    assert stopped is not None, "the request was never counted as cancelled"
+    assert stopped < generating_all / 3, f"generation went on for {stopped:.2f}s (all of it takes " \
+                                         f"{generating_all:.2f}s)"
+    counted = metric(stack, "rag", 'ragtune_tokens_total{kind="completion"}') - tokens_before
+    assert 1 <= counted < 800
+
+
 def test_a_stream_ends_with_done_as_openai_streams_do(stack):
     """The openai client stops at the end of the stream either way; other clients wait for `data: [DONE]`."""
     with httpx.stream("POST", f"{stack['urls']['hybrid']}/v1/chat/completions", timeout=60,

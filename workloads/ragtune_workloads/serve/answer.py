@@ -57,6 +57,7 @@ def generation_params(request: ChatCompletionRequest | CompletionRequest, max_to
         seed=request.seed,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
+        ignore_eos=request.ignore_eos,
     )
 
 

@@ -255,10 +255,13 @@ class Ingress:
     async def _generate(self, plan: Plan) -> dict[str, Any]:
         if plan.canned is not None:
             return {"text": plan.canned, "completion_tokens": 0, "finish_reason": "stop", "seconds": 0.0}
-        if self.local_generation is not None:
-            result = await self.local_generation.generate(plan.prompt_ids, asdict(plan.params), plan.use_adapter)
-        else:
-            result = await self.generator.generate.remote(plan.prompt_ids, asdict(plan.params), plan.use_adapter)
+        with self.metrics.generating.track_inprogress():
+            if self.local_generation is not None:
+                result = await self.local_generation.generate(plan.prompt_ids, asdict(plan.params),
+                                                              plan.use_adapter)
+            else:
+                result = await self.generator.generate.remote(plan.prompt_ids, asdict(plan.params),
+                                                              plan.use_adapter)
         self.metrics.generation_latency.observe(result["seconds"])
         self.metrics.record_tokens(len(plan.prompt_ids), result["completion_tokens"])
         return result
@@ -272,11 +275,22 @@ class Ingress:
         else:
             stream = self.generator.options(stream=True).stream.remote(plan.prompt_ids, asdict(plan.params),
                                                                        plan.use_adapter)
-        async for item in stream:
-            if item["finish_reason"]:
-                self.metrics.generation_latency.observe(item["seconds"])
-                self.metrics.record_tokens(len(plan.prompt_ids), item["completion_tokens"])
-            yield item
+        # A client that goes away cancels this (through Ray Serve) and the cancellation reaches the engine, which
+        # stops generating: the gauge comes down only once it has.
+        self.metrics.generating.inc()
+        generated, finished = 0, False
+        try:
+            async for item in stream:
+                generated = item["completion_tokens"]
+                if item["finish_reason"]:
+                    finished = True
+                    self.metrics.generation_latency.observe(item["seconds"])
+                    self.metrics.record_tokens(len(plan.prompt_ids), generated)
+                yield item
+        finally:
+            self.metrics.generating.dec()
+            if not finished:  # what was generated before the client left counts too
+                self.metrics.record_tokens(len(plan.prompt_ids), generated)
 
     async def _sse(self, route: str, started: float, plan: Plan, request_id: str, chat: bool,
                    include_usage: bool) -> AsyncIterator[bytes]:
@@ -302,6 +316,9 @@ class Ingress:
                 yield api.sse({"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                                "created": int(time.time()), "model": model, "choices": [], "usage": usage})
             yield api.sse("[DONE]")
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's code for it)
+            raise
         except Exception as exc:  # the status line is already sent: report in the stream, OpenAI style
             status = 500
             log.exception("streaming failed")
@@ -329,6 +346,9 @@ class Ingress:
                            self._extra(plan, result["seconds"], started))
         except api.ApiError as exc:
             self._observe(route, exc.status, started)
+            raise
+        except asyncio.CancelledError:
+            self._observe(route, 499, started)  # the client went away: nobody reads an answer
             raise
         except Exception:
             self._observe(route, 500, started)  # answered by the handler above; counted here

@@ -7,7 +7,8 @@ answer), so one scrape of a replica sees the whole request path. Each ingress ke
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  re-exported for the HTTP layer
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               generate_latest)
 
 # `*_created` series double the exposition and no dashboard of ours reads them.
 disable_created_metrics()
@@ -19,7 +20,8 @@ FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("ragtune_requests", "HTTP requests answered, by route and status code.",
+        self.requests = Counter("ragtune_requests", "HTTP requests answered, by route and status code (499: the "
+                                "client went away before the answer was complete).",
                                 ["route", "status"], registry=self.registry)
         self.latency = Histogram("ragtune_request_latency_seconds", "Time from request to the last byte of "
                                  "the answer.", ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -30,6 +32,9 @@ class Metrics:
                                             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("ragtune_tokens", "Tokens processed, by kind (prompt or completion).", ["kind"],
                               registry=self.registry)
+        self.generating = Gauge("ragtune_generations_in_flight", "Answers being generated for this replica's "
+                                "requests now (a request whose client went away stops generating).",
+                                registry=self.registry)
         self.cache_hits = Counter("ragtune_cache_hits", "Lookups answered from a cache, by cache (embedding or "
                                   "retrieval).", ["cache"], registry=self.registry)
         self.cache_misses = Counter("ragtune_cache_misses", "Lookups a cache could not answer, by cache.",

@@ -133,6 +133,8 @@ class GenerationRequest(WireModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     retrieval: Literal["auto", "always", "never"] | None = None
+    ignore_eos: bool = Field(default=False, description="Generate max_tokens whatever the model says (vLLM's "
+                             "extension, for load tests that need equal lengths).")
     user: str | None = None
     stream_options: dict[str, Any] | None = None
     logit_bias: dict[str, Any] | None = None
