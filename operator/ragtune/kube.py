@@ -94,11 +94,13 @@ class Api:
             raise
 
     def crd_installed(self, name: str, ttl: float = 30.0) -> bool:
-        """Whether a CRD is installed (cached briefly: discovery on every reconcile would be wasteful)."""
+        """Whether a CRD is installed and not being removed (cached briefly: discovery on every reconcile would be
+        wasteful). A CRD being removed takes its objects with it and refuses new ones."""
         cached = self._crd_cache.get(name)
         if cached and time.monotonic() - cached[0] < ttl:
             return cached[1]
-        present = self.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name, None) is not None
+        crd = self.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name, None)
+        present = crd is not None and not crd["metadata"].get("deletionTimestamp")
         self._crd_cache[name] = (time.monotonic(), present)
         return present
 

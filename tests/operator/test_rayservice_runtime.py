@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,36 @@ def test_removing_kuberay_serves_its_endpoints_from_a_deployment_again(kube, nam
     # Removing the CRD removes every RayService with it.
     kube.kubectl("delete", "crd", "rayservices.ray.io", "--wait=true", timeout=120)
     kube.wait_for(lambda: kube.get("apps/v1", "Deployment", "chat", namespace), "a Deployment to serve the endpoint")
-    ready = wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
-    assert ready["status"]["runtime"] == "deployment"
+    ready = kube.wait_for(lambda: (lambda he: he if he["status"].get("runtime") == "deployment" and
+                                   kube.condition(he, "Ready")["status"] == "True" else None)(
+        kube.get(API, "HybridEndpoint", "chat", namespace)), "the endpoint Ready on its Deployment", timeout=90)
     assert ready["status"]["served"]["adapterDigest"] == "sha256:" + "6" * 64
+
+
+def test_a_deleted_rayservice_is_made_again(kube, namespace, kuberay_crd):
+    ready_references(kube, namespace, "ft", "sha256:" + "7" * 64)
+    kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)
+    first = kube.wait_for(lambda: kube.get("ray.io/v1", "RayService", "chat", namespace), "the RayService")
+    mark_rayservice_ready(kube, namespace, "chat")
+    wait_ready(kube, "HybridEndpoint", "chat", namespace)
+
+    kube.kubectl("delete", "rayservice", "chat", "-n", namespace, "--wait=true")
+    again = kube.wait_for(lambda: (lambda rs: rs if rs and rs["metadata"]["uid"] != first["metadata"]["uid"]
+                                   else None)(kube.get("ray.io/v1", "RayService", "chat", namespace)),
+                          "the RayService to be made again")
+    assert again["spec"]["serveConfigV2"] == first["spec"]["serveConfigV2"]
+    wait_ready(kube, "HybridEndpoint", "chat", namespace, "False")  # not serving until KubeRay says so
+    mark_rayservice_ready(kube, namespace, "chat")
+    wait_ready(kube, "HybridEndpoint", "chat", namespace)
+
+
+def test_installing_and_removing_kuberay_again_and_again_never_stops_the_operator(kube, ragtune_operator):
+    """A watch of RayServices started just as their CRD goes (or before the API server serves a new one) fails
+    with 404, and a failed watch stops a kopf operator: the operator reads RayServices back instead."""
+    for _ in range(8):
+        install_kuberay_crd(kube)
+        time.sleep(1.5)  # long enough for a watch of RayServices to start
+        kube.kubectl("delete", "crd", "rayservices.ray.io", "--wait=true", timeout=120)
+        assert ragtune_operator.proc.poll() is None, f"the operator stopped:\n{ragtune_operator.log_tail(60)}"
+    time.sleep(2)
+    assert ragtune_operator.proc.poll() is None and ragtune_operator.healthy()

@@ -257,16 +257,11 @@ async def deployment_changed(body: kopf.Body, namespace: str, labels: dict[str, 
     workload_changed("Deployment", dict(body), namespace, labels, type)
 
 
-@kopf.on.event("ray.io", "v1", "rayservices", labels={"ragtune.io/hybridendpoint": kopf.PRESENT})
-async def rayservice_changed(body: kopf.Body, namespace: str, labels: dict[str, str],
-                             type: str | None, **_: Any) -> None:
-    workload_changed("RayService", dict(body), namespace, labels, type)
-
-
-# KubeRay is often installed after the operator starts, and the API server can announce a new CRD a moment
-# before it serves it: a watch started in that moment never sees the RayServices. Their state is therefore also
-# read back on a slow cadence (faster while the endpoint is not Ready yet), which heals any missed event.
-RESYNC_SECONDS = {"ready": 60.0, "pending": 5.0}
+# A RayService's state is read back on a cadence (faster while the endpoint is not Ready yet) rather than
+# watched: KubeRay comes and goes with its CRD, and a watch of a resource whose CRD was just removed (or that the API
+# server announces a moment before it serves it) fails with 404, which stops the whole operator. A read-back
+# cannot miss an event either.
+RESYNC_SECONDS = {"ready": 15.0, "pending": 3.0}
 
 
 def schedule_resync(key: tuple[str, str, str], ready: bool) -> None:
@@ -283,10 +278,14 @@ def resync(key: tuple[str, str, str]) -> None:
     _, namespace, name = key
     current = shared.api().get("ray.io/v1", "RayService", name, namespace) or {}
     labels = (current.get("metadata") or {}).get("labels") or {}
+    cached = next((w for w in cache.JOBS.get(key) if w.get("kind") == "RayService"), None)
     if shared.owner_of(labels, KIND) == name:
-        cached = next((w for w in cache.JOBS.get(key) if w.get("kind") == "RayService"), None)
         if cached is None or cached["metadata"].get("resourceVersion") != current["metadata"].get("resourceVersion"):
             workload_changed("RayService", current, namespace, labels, "MODIFIED")
+    elif not current:  # deleted by someone: made again (reconcile), and reported as being created meanwhile
+        if cached is not None:
+            workload_changed("RayService", cached, namespace, cached["metadata"]["labels"], "DELETED")
+        shared.request_refresh(key, lambda: reconcile(namespace, name), work="reconcile")
     schedule_resync(key, c.is_true((current.get("status") or {}).get("conditions"), c.READY))
 
 
@@ -298,15 +297,18 @@ async def owner_changed(body: kopf.Body, namespace: str, name: str, type: str | 
 
 
 @kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions")
-async def crd_changed(name: str, type: str | None, **_: Any) -> None:
+async def crd_changed(name: str, type: str | None, body: kopf.Body, **_: Any) -> None:
     """Installing or removing KubeRay changes what runtime auto means for endpoints not served yet; removing it
     also took the RayServices with it, so the endpoints that ran on one are served by a Deployment again."""
     if name != RAYSERVICE_CRD or type is None:
         return
     shared.api().forget_crd(name)
-    if type != "DELETED":
+    if type != "DELETED" and not (body.get("metadata") or {}).get("deletionTimestamp"):
         return
     for key, owner in cache.OWNERS.items(KIND):  # reconciling one that already runs a Deployment writes nothing
+        gone = [w for w in cache.JOBS.get(key) if w.get("kind") == "RayService"]
+        for workload in gone:  # its RayService goes with the CRD: it no longer serves the endpoint
+            workload_changed("RayService", workload, key[1], workload["metadata"]["labels"], "DELETED")
         if (owner.get("spec") or {}).get("runtime", "auto") == "auto":
             shared.request_refresh(key, lambda k=key: reconcile(k[1], k[2]), work="reconcile")
 
