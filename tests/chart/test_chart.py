@@ -92,6 +92,40 @@ def test_the_values_schema_refuses_bad_values(helm, flag, field):
     assert field in result.stderr
 
 
+def test_names_can_be_overridden_and_the_chart_works_as_a_subchart(helm):
+    """Helm passes a subchart `global`; nameOverride and fullnameOverride are the usual knobs."""
+    kinds = by_kind(objects(render(helm, "--set", "fullnameOverride=ml-operator", "--set", "global.x=1").stdout))
+    assert kinds["Deployment"][0]["metadata"]["name"] == "ml-operator"
+    assert kinds["ClusterRole"][0]["metadata"]["name"] == "ml-operator"
+    named = by_kind(objects(render(helm, "--set", "nameOverride=tuner").stdout))
+    deployment = named["Deployment"][0]
+    assert deployment["metadata"]["name"] == "rt-tuner"
+    assert deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "tuner"
+
+
+def test_replicas_get_a_disruption_budget_and_security_contexts_can_be_set(helm):
+    assert "PodDisruptionBudget" not in by_kind(objects(render(helm).stdout))
+    kinds = by_kind(objects(render(helm, "--set", "replicaCount=2").stdout))
+    pdb = kinds["PodDisruptionBudget"][0]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == kinds["Deployment"][0]["spec"]["selector"]["matchLabels"]
+    openshift = by_kind(objects(render(helm, "--set", "podSecurityContext.runAsUser=null",
+                                       "--set", "podSecurityContext.runAsGroup=null").stdout))
+    pod = openshift["Deployment"][0]["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_workload_pull_secrets_reach_the_operator(helm):
+    kinds = by_kind(objects(render(helm, "--set", "workloadImagePullSecrets[0].name=regcred",
+                                   "--set", "workloadImagePullSecrets[1].name=mirror").stdout))
+    env = {e["name"]: e.get("value") for e in kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RAGTUNE_WORKLOAD_IMAGE_PULL_SECRETS"] == "regcred,mirror"
+    assert "RAGTUNE_WORKLOAD_IMAGE_PULL_SECRETS" not in {
+        e["name"] for e in by_kind(objects(render(helm).stdout))["Deployment"][0]["spec"]["template"]["spec"]
+        ["containers"][0]["env"]}
+
+
 def test_chart_crds_are_the_generated_ones():
     for crd in (ROOT / "crds").glob("*.yaml"):
         assert (CHART / "crds" / crd.name).read_text() == crd.read_text()

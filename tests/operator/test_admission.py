@@ -131,9 +131,15 @@ def test_the_valid_base_objects_are_accepted_with_defaults(kube, crds, namespace
         assert stored["spec"]["retrieval"]["topK"] == 4
 
 
+@pytest.mark.parametrize("schedule", ["0 3 * * *", "@daily", "@hourly"])
+def test_a_schedule_is_a_cron_expression_or_a_macro_as_cronjobs_take_it(kube, crds, namespace, schedule):
+    result = kube.apply(variant(VIX, "spec.schedule", schedule), namespace, check=False)
+    assert result.returncode == 0, result.stderr
+
+
 def test_a_started_finetunejob_is_immutable(kube, crds, namespace):
     kube.apply(FTJ, namespace)
     changed = variant(FTJ, "spec.training", {"epochs": 5})
     result = kube.apply(changed, namespace, check=False)
     assert result.returncode != 0
-    assert "spec is immutable once the FineTuneJob has started" in result.stderr
+    assert "spec is immutable (a FineTuneJob is one training run)" in result.stderr

@@ -276,3 +276,11 @@ def test_configs_round_trip_through_json_for_the_workloads():
     config = finetune.workload_config(finetune.common.owner_info(body("FineTuneJob")), spec)
     again = FineTuneConfig.model_validate(json.loads(config.model_dump_json(by_alias=True)))
     assert again == config
+
+
+def test_the_workloads_service_account_pulls_with_the_configured_secrets():
+    from ragtune.builders.common import workload_rbac
+
+    account = next(o for o in workload_rbac("team-a", ["regcred", "mirror"]) if o["kind"] == "ServiceAccount")
+    assert account["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    assert "imagePullSecrets" not in next(o for o in workload_rbac("team-a", []) if o["kind"] == "ServiceAccount")

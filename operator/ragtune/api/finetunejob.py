@@ -126,7 +126,7 @@ class FineTuneJobSpec(ApiModel):
             "method qlora needs an NVIDIA GPU: set resources.gpu >= 1, or use method lora", ".resources"),
         cel("self.engine != 'unsloth' || self.resources.gpu > 0",
             "engine unsloth runs on NVIDIA GPUs only: set resources.gpu >= 1, or use engine trl or auto", ".resources"),
-        cel("self == oldSelf", "spec is immutable once the FineTuneJob has started: create a new FineTuneJob "
+        cel("self == oldSelf", "spec is immutable (a FineTuneJob is one training run): create a new FineTuneJob "
             "(a new name) for a new version"),
     )
     model: BaseModelSpec = Field(default_factory=BaseModelSpec)

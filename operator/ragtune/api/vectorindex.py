@@ -92,8 +92,10 @@ class StoreSpec(ApiModel):
 
 class VectorIndexSpec(ApiModel):
     model_config = validations(
-        cel("!has(self.schedule) || self.schedule.split(' ').size() == 5",
-            "schedule must be a 5-field cron expression, e.g. '0 3 * * *'", ".schedule"),
+        cel("!has(self.schedule) || self.schedule in ['@yearly', '@annually', '@monthly', '@weekly', '@daily', "
+            "'@midnight', '@hourly'] || self.schedule.split(' ').size() == 5",
+            "schedule must be a 5-field cron expression, e.g. '0 3 * * *', or a macro such as @daily or @hourly",
+            ".schedule"),
     )
     sources: list[SourceSpec] = Field(min_length=1, max_length=32)
     formats: list[DocumentFormat] = Field(default_factory=lambda: ["txt", "md", "pdf", "html"], min_length=1)

@@ -21,6 +21,9 @@ IMAGES = {
     "serve": os.environ.get("RAGTUNE_SERVE_IMAGE", "ragtune/serve:0.1.0"),
     "serve-gpu": os.environ.get("RAGTUNE_SERVE_GPU_IMAGE", "ragtune/serve-gpu:0.1.0"),
 }
+# Secrets (in each namespace where ragtune objects run) to pull the workload images with: a private registry.
+WORKLOAD_IMAGE_PULL_SECRETS = [name.strip() for name in
+                               os.environ.get("RAGTUNE_WORKLOAD_IMAGE_PULL_SECRETS", "").split(",") if name.strip()]
 
 
 def owner_info(body: dict[str, Any]) -> OwnerInfo:
@@ -134,13 +137,16 @@ def config_volume(config_map_name: str) -> tuple[dict[str, Any], dict[str, Any]]
     return volume, mount
 
 
-def workload_rbac(namespace: str) -> list[dict[str, Any]]:
+def workload_rbac(namespace: str, pull_secrets: list[str] | None = None) -> list[dict[str, Any]]:
     """The workloads' identity in a namespace: it may read and annotate Pods there (its progress), and hold Leases
-    there (an index run on a Milvus server holds one while it writes) — nothing else."""
+    there (an index run on a Milvus server holds one while it writes) — nothing else. Its pods pull their images
+    with `pull_secrets` (default: the operator's RAGTUNE_WORKLOAD_IMAGE_PULL_SECRETS)."""
+    pull_secrets = WORKLOAD_IMAGE_PULL_SECRETS if pull_secrets is None else pull_secrets
     meta = {"namespace": namespace, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY,
                                                "app.kubernetes.io/part-of": "ragtune"}}
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": WORKLOAD_SERVICE_ACCOUNT, **meta}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": WORKLOAD_SERVICE_ACCOUNT, **meta},
+         **({"imagePullSecrets": [{"name": name} for name in pull_secrets]} if pull_secrets else {})},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
          "metadata": {"name": WORKLOAD_SERVICE_ACCOUNT, **meta},
          "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
