@@ -5,12 +5,12 @@ nothing."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from urllib.parse import urlparse
 
 import pytest
 import yaml
+from exclusive_runs import second_run_waits
 from ragtune.builders.common import WORKLOAD_SERVICE_ACCOUNT, workload_rbac
 from ragtune_workloads.index import store as store_module
 from ragtune_workloads.index.store import ServerStore, StoreError, VersionInfo
@@ -82,20 +82,16 @@ def test_server_store_runs_take_turns_and_a_run_that_lost_the_lease_publishes_no
     monkeypatch.setattr(store_module, "LEASE_SECONDS", 3.0)
     monkeypatch.setenv("POD_NAME", "index-run-a")
     first = ServerStore(None, "docs_chat")  # exclusive() and the lost-Lease check need no Milvus
-    order: list[str] = []
-    with first.exclusive():
-        monkeypatch.setenv("POD_NAME", "index-run-b")
-        second = ServerStore(None, "docs_chat")
-        waits: list[str] = []
+    second = ServerStore(None, "docs_chat")
 
-        def run_second():
-            with second.exclusive(wait=30, on_wait=waits.append):
-                order.append("second")
-        thread = threading.Thread(target=run_second)
-        thread.start()
-        time.sleep(3)
-        order.append("first")
-    thread.join(15)
+    class AsPod:  # each run with its own pod name
+        def __init__(self, store, pod):
+            self.store, self.pod = store, pod
+
+        def exclusive(self, **kwargs):
+            monkeypatch.setenv("POD_NAME", self.pod)
+            return self.store.exclusive(**kwargs)
+    order, waits = second_run_waits(AsPod(first, "index-run-a"), AsPod(second, "index-run-b"), hold=3)
     assert order == ["first", "second"] and set(waits) == {"index-run-a"}
 
     # Another run took the Lease (this one could not renew in time): publishing refuses.

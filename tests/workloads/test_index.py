@@ -702,8 +702,7 @@ def test_the_index_run_and_the_endpoint_send_the_token_from_the_environment(refu
 
 
 def test_a_second_index_run_on_the_same_store_waits_for_the_first(tmp_path):
-    import threading
-
+    from exclusive_runs import second_run_waits
     from ragtune_workloads.index.store import LiteStore, StoreError
 
     first, second = LiteStore(tmp_path, "docs"), LiteStore(tmp_path, "docs")
@@ -711,16 +710,7 @@ def test_a_second_index_run_on_the_same_store_waits_for_the_first(tmp_path):
         with pytest.raises(StoreError, match="another index run is writing .* did not finish within 1s"):
             with second.exclusive(wait=1.0):
                 pass
-    waits, order = [], []
-    with first.exclusive():
-        def run_second():
-            with second.exclusive(wait=30.0, on_wait=waits.append):
-                order.append("second")
-        thread = threading.Thread(target=run_second)
-        thread.start()
-        time.sleep(1.5)
-        order.append("first")
-    thread.join(10)
+    order, waits = second_run_waits(first, second, hold=1.5)
     assert order == ["first", "second"] and waits and set(waits) == {"another index run"}
 
 
