@@ -90,6 +90,14 @@ def wait_ready(kube, kind: str, name: str, namespace: str, value: str = "True", 
         raise AssertionError(f"{exc}; conditions: {conditions}") from None
 
 
+def wait_event(kube, namespace: str, name: str, reason: str, type_: str | None = None) -> dict:
+    """An event about `name` with this reason: the operator posts a transition's event just after writing the
+    status, so a test that saw the status may still be a moment early for the event."""
+    return kube.wait_for(lambda: next((e for e in kube.events(namespace, name) if e["reason"] == reason and
+                                       (type_ is None or e["type"] == type_)), None),
+                         f"event {reason} for {name}", timeout=20)
+
+
 def finish_finetune(kube, namespace, name, digest):
     kube.wait_condition("batch/v1", "Job", name, namespace, "Complete")
     report_result(kube, namespace, name, adapter_result(name, digest))

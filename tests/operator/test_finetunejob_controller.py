@@ -6,7 +6,7 @@ import time
 
 import pytest
 from ragtune_objects import (API, adapter_result, annotate, bound_pvc, finetunejob, job_pod, reconciled,
-                             report_result, resumable, status, wait_ready)
+                             report_result, resumable, status, wait_event, wait_ready)
 
 pytestmark = pytest.mark.usefixtures("ragtune_operator")
 
@@ -42,8 +42,7 @@ def test_finetunejob_runs_a_job_reports_progress_and_ends_ready_with_its_artifac
     assert st["phase"] == "Succeeded" and st["artifact"]["digest"] == "sha256:" + "a" * 64
     assert kube.condition(ready, "Promotable")["status"] == "True"
     assert kube.condition(ready, "Ready")["observedGeneration"] == ready["metadata"]["generation"]
-    reasons = {e["reason"] for e in kube.events(namespace, "ft") if e["kind"] == "FineTuneJob"}
-    assert "JobSucceeded" in reasons
+    assert wait_event(kube, namespace, "ft", "JobSucceeded")["kind"] == "FineTuneJob"
 
 
 def test_a_gpu_finetunejob_lands_on_the_gpu_node(kube, namespace, adapters):
@@ -71,8 +70,7 @@ def test_a_failing_job_ends_failed_with_the_reason(kube, namespace, adapters):
     assert "exit code 1" in failed["message"]
     assert obj["status"]["phase"] == "Failed"
     assert kube.condition(obj, "Ready")["status"] == "False"
-    warnings = [e for e in kube.events(namespace, "broken") if e["type"] == "Warning"]
-    assert any(e["reason"] == "BackoffLimitExceeded" for e in warnings)
+    wait_event(kube, namespace, "broken", "BackoffLimitExceeded", "Warning")
 
 
 def test_reapplying_identical_yaml_changes_nothing(kube, namespace, adapters):
