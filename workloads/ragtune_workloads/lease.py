@@ -14,6 +14,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,6 +27,19 @@ def lease_name(prefix: str, key: str) -> str:
     """A valid object name for `key` (a collection name, say): readable where it can be, unique always."""
     readable = re.sub(r"[^a-z0-9-]+", "-", key.lower()).strip("-")[:40]
     return f"{prefix}-{readable}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def wait_for_turn(attempt: Callable[[], str | None], wait: float, on_wait: Callable[[str], None] | None = None,
+                  poll: float = 2.0) -> None:
+    """Calls `attempt` until it returns None (this run's turn), at most `wait` seconds, telling `on_wait` who holds
+    the turn meanwhile; after that raises TimeoutError with the holder's name."""
+    deadline = time.monotonic() + wait
+    while (holder := attempt()) is not None:
+        if time.monotonic() >= deadline:
+            raise TimeoutError(holder)
+        if on_wait:
+            on_wait(holder)
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
 
 def micro_time() -> str:
@@ -86,13 +100,10 @@ class RunLease:
     def acquire(self, wait: float, on_wait=None, poll: float = 2.0) -> None:
         """Waits up to `wait` seconds for the Lease (calling on_wait(holder) while it waits), then keeps it
         renewed until release()."""
-        deadline = time.monotonic() + wait
-        while (holder := self.try_acquire()) is not None:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{holder} has held Lease {self.namespace}/{self.name} for over {wait:.0f}s")
-            if on_wait:
-                on_wait(holder)
-            time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+        try:
+            wait_for_turn(self.try_acquire, wait, on_wait, poll)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc} has held Lease {self.namespace}/{self.name} for over {wait:.0f}s") from None
         self._renewer = threading.Thread(target=self._renew, name=f"lease-{self.name}", daemon=True)
         self._renewer.start()
 

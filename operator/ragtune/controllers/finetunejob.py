@@ -23,7 +23,7 @@ def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
-@shared.instrumented(KIND)
+@shared.instrumented(KIND, PLURAL)
 def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reason: str, **_: Any) -> None:
     parsed = parse_spec(spec)
     key, obj = shared.remember_owner(KIND, body, namespace, name)

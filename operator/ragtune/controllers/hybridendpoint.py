@@ -153,7 +153,7 @@ def runtime_for(spec: HybridEndpointSpec, status: dict[str, Any]) -> str:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-@shared.instrumented(KIND)
+@shared.instrumented(KIND, PLURAL)
 def reconcile_handler(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     cache.OWNERS.put((KIND, namespace, name), shared.compact_owner(dict(body)))
     reconcile(namespace, name)
@@ -278,15 +278,21 @@ def resync(key: tuple[str, str, str]) -> None:
     _, namespace, name = key
     current = shared.api().get("ray.io/v1", "RayService", name, namespace) or {}
     labels = (current.get("metadata") or {}).get("labels") or {}
-    cached = next((w for w in cache.JOBS.get(key) if w.get("kind") == "RayService"), None)
     if shared.owner_of(labels, KIND) == name:
+        cached = next((w for w in cache.JOBS.get(key) if w.get("kind") == "RayService"), None)
         if cached is None or cached["metadata"].get("resourceVersion") != current["metadata"].get("resourceVersion"):
             workload_changed("RayService", current, namespace, labels, "MODIFIED")
     elif not current:  # deleted by someone: made again (reconcile), and reported as being created meanwhile
-        if cached is not None:
-            workload_changed("RayService", cached, namespace, cached["metadata"]["labels"], "DELETED")
+        forget_rayservices(key)
         shared.request_refresh(key, lambda: reconcile(namespace, name), work="reconcile")
     schedule_resync(key, c.is_true((current.get("status") or {}).get("conditions"), c.READY))
+
+
+def forget_rayservices(key: tuple[str, str, str]) -> None:
+    """The endpoint's cached RayService is gone (deleted, or with its CRD): recorded as deleted, which refreshes
+    the endpoint's status."""
+    for workload in [w for w in cache.JOBS.get(key) if w.get("kind") == "RayService"]:
+        workload_changed("RayService", workload, key[1], workload["metadata"]["labels"], "DELETED")
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -306,9 +312,7 @@ async def crd_changed(name: str, type: str | None, body: kopf.Body, **_: Any) ->
     if type != "DELETED" and not (body.get("metadata") or {}).get("deletionTimestamp"):
         return
     for key, owner in cache.OWNERS.items(KIND):  # reconciling one that already runs a Deployment writes nothing
-        gone = [w for w in cache.JOBS.get(key) if w.get("kind") == "RayService"]
-        for workload in gone:  # its RayService goes with the CRD: it no longer serves the endpoint
-            workload_changed("RayService", workload, key[1], workload["metadata"]["labels"], "DELETED")
+        forget_rayservices(key)  # they go with the CRD: they no longer serve the endpoint
         if (owner.get("spec") or {}).get("runtime", "auto") == "auto":
             shared.request_refresh(key, lambda k=key: reconcile(k[1], k[2]), work="reconcile")
 

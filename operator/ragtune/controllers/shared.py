@@ -62,7 +62,7 @@ def object_lock(kind: str, namespace: str, name: str) -> threading.RLock:
         return _object_locks[(kind, namespace, name)]
 
 
-def instrumented(kind: str) -> Callable:
+def instrumented(kind: str, plural: str) -> Callable:
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args, **kwargs):
@@ -71,7 +71,7 @@ def instrumented(kind: str) -> Callable:
                 result = fn(*args, **kwargs)
             except InvalidSpec as exc:  # the object says why, not only the operator's log
                 RECONCILES.labels(kind, "error").inc()
-                report_invalid_spec(kind, dict(kwargs["body"]), exc)
+                report_invalid_spec(kind, plural, dict(kwargs["body"]), exc)
                 raise
             except kopf.TemporaryError:
                 RECONCILES.labels(kind, "retry").inc()
@@ -284,9 +284,6 @@ class InvalidSpec(kopf.PermanentError):
     operator (Helm installs a chart's CRDs but never upgrades them). Retrying cannot help."""
 
 
-PLURALS = {"FineTuneJob": "finetunejobs", "VectorIndex": "vectorindexes", "HybridEndpoint": "hybridendpoints"}
-
-
 def parse_spec(model: type[Any], spec: dict[str, Any]) -> Any:
     """The spec as its pydantic model. Admission should have refused an invalid one; if one got through, say which
     field is wrong and stop retrying."""
@@ -300,7 +297,7 @@ def parse_spec(model: type[Any], spec: dict[str, Any]) -> Any:
                           "the installed CRDs are older than the operator: apply this release's crds/") from exc
 
 
-def report_invalid_spec(kind: str, body: dict[str, Any], exc: InvalidSpec) -> None:
+def report_invalid_spec(kind: str, plural: str, body: dict[str, Any], exc: InvalidSpec) -> None:
     """Reason InvalidSpec with the fields to fix on the object's conditions. What an index or an endpoint already
     serves stays served (the last valid spec's workload is left as it is), and Ready says so."""
     message = str(exc)
@@ -315,7 +312,7 @@ def report_invalid_spec(kind: str, body: dict[str, Any], exc: InvalidSpec) -> No
         conds.append(c.condition(c.FAILED, True, c.INVALID_SPEC, message))
         fields["progressText"] = "invalid spec"
     try:
-        write_status(PLURALS[kind], body, fields, conds)
+        write_status(plural, body, fields, conds)
     except Exception:  # the log still has it
         log.exception("could not report the invalid spec of %s %s/%s", kind, body["metadata"].get("namespace"),
                       body["metadata"].get("name"))

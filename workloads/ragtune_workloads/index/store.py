@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import kubeapi
-from ..lease import RunLease, lease_name
+from ..lease import RunLease, lease_name, wait_for_turn
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -216,19 +216,18 @@ class LiteStore:
     def exclusive(self, wait: float = RUN_WAIT_SECONDS, on_wait: OnWait | None = None) -> Iterator[None]:
         """Held for a whole index run: two runs would pick the same next version and delete each other's. A second
         run waits for the first to finish (up to `wait` seconds)."""
-        deadline = time.monotonic() + wait
         with open(self.dir / ".index.lock", "w") as handle:
-            while True:
+            def attempt() -> str | None:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
+                    return None
                 except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise StoreError(f"another index run is writing {self.dir} and did not finish within "
-                                         f"{wait:.0f}s; try again when it has finished") from None
-                    if on_wait:
-                        on_wait("another index run")
-                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                    return "another index run"
+            try:
+                wait_for_turn(attempt, wait, on_wait, poll=1.0)
+            except TimeoutError:
+                raise StoreError(f"another index run is writing {self.dir} and did not finish within {wait:.0f}s; "
+                                 "try again when it has finished") from None
             yield
 
     @property

@@ -278,19 +278,16 @@ class Ingress:
         # A client that goes away cancels this (through Ray Serve) and the cancellation reaches the engine, which
         # stops generating: the gauge comes down only once it has.
         self.metrics.generating.inc()
-        generated, finished = 0, False
+        generated = 0
         try:
             async for item in stream:
                 generated = item["completion_tokens"]
                 if item["finish_reason"]:
-                    finished = True
                     self.metrics.generation_latency.observe(item["seconds"])
-                    self.metrics.record_tokens(len(plan.prompt_ids), generated)
                 yield item
-        finally:
+        finally:  # finished or not: what was generated before a client left counts too
             self.metrics.generating.dec()
-            if not finished:  # what was generated before the client left counts too
-                self.metrics.record_tokens(len(plan.prompt_ids), generated)
+            self.metrics.record_tokens(len(plan.prompt_ids), generated)
 
     async def _sse(self, route: str, started: float, plan: Plan, request_id: str, chat: bool,
                    include_usage: bool) -> AsyncIterator[bytes]:
