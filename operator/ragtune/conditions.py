@@ -58,8 +58,14 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# metav1.Condition's limit on a message (the CRDs refuse a longer one, and with it the whole status write)
+MESSAGE_LIMIT = 32768
+
+
 def condition(type_: str, ok: bool | None, reason: str, message: str = "") -> dict[str, Any]:
     status = "Unknown" if ok is None else ("True" if ok else "False")
+    if len(message) > MESSAGE_LIMIT:
+        message = message[:MESSAGE_LIMIT - 1] + "…"
     return {"type": type_, "status": status, "reason": reason, "message": message}
 
 
@@ -67,7 +73,8 @@ def merge_conditions(current: list[dict[str, Any]] | None, desired: list[dict[st
                      generation: int | None) -> list[dict[str, Any]]:
     """The conditions list after applying `desired`: transition times kept unless the status flips,
     conditions not mentioned kept as they are, stable order by type."""
-    by_type = {c["type"]: dict(c) for c in (current or [])}
+    # every field metav1.Condition requires, also on a condition an older release wrote without them
+    by_type = {c["type"]: {"message": "", "lastTransitionTime": now(), **c} for c in (current or [])}
     for new in desired:
         old = by_type.get(new["type"])
         merged = {**new, "observedGeneration": generation}

@@ -85,6 +85,7 @@ def test_single_namespace_mode_uses_roles_in_the_served_namespaces(helm):
     ("image.pullPolicy=Sometimes", "pullPolicy"),
     ("watchNamespaces={Bad_Name}", "watchNamespaces"),
     ("unknownKey=1", "unknownKey"),
+    ("metrics.serviceMonitor.interval=often", "interval"),
 ])
 def test_the_values_schema_refuses_bad_values(helm, flag, field):
     result = render(helm, "--set", flag, check=False)
@@ -135,3 +136,60 @@ def test_rendered_chart_is_accepted_by_the_api_server(helm, kube, crds):
     text = render(helm, "--set", "watchNamespaces={default}", namespace="default").stdout
     result = kube.kubectl("apply", "--dry-run=server", "-n", "default", "-f", "-", stdin=text, check=False)
     assert result.returncode == 0, result.stderr
+
+
+PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.89.0"
+
+
+@pytest.fixture
+def servicemonitor_crd(kube):
+    """The Prometheus Operator's own ServiceMonitor CRD, from its module on the Go module proxy."""
+    import json
+
+    result = subprocess.run(["go", "mod", "download", "-json", PROMETHEUS_OPERATOR], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"could not fetch {PROMETHEUS_OPERATOR} from the Go module proxy: {result.stderr}")
+    crd = (Path(json.loads(result.stdout)["Dir"]) / "example" / "prometheus-operator-crd"
+           / "monitoring.coreos.com_servicemonitors.yaml")
+    kube.kubectl("apply", "--server-side", "-f", str(crd))
+    kube.wait_condition("apiextensions.k8s.io/v1", "CustomResourceDefinition", "servicemonitors.monitoring.coreos.com",
+                        None, "Established")
+    yield
+    kube.kubectl("delete", "crd", "servicemonitors.monitoring.coreos.com", "--wait=true", "--ignore-not-found",
+                 timeout=120)
+
+
+def test_service_monitors_scrape_the_operator_and_every_endpoint(helm, kube, crds, servicemonitor_crd):
+    from ragtune.api.hybridendpoint import HybridEndpointSpec
+    from ragtune.builders import common, endpoint
+
+    assert "ServiceMonitor" not in by_kind(objects(render(helm).stdout))  # off unless asked for
+    flags = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.serviceMonitor.labels.release=prom",
+             "--set", "metrics.serviceMonitor.interval=15s", "--set", "metrics.endpointsServiceMonitor.enabled=true"]
+    kinds = by_kind(objects(render(helm, *flags).stdout))
+    operator, endpoints = kinds["ServiceMonitor"]
+    assert operator["metadata"]["labels"]["release"] == "prom"
+    assert operator["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    # each selects what it should: the operator's metrics Service, and the Service of any HybridEndpoint
+    metrics_service = kinds["Service"][0]
+    assert operator["spec"]["selector"]["matchLabels"].items() <= metrics_service["metadata"]["labels"].items()
+    assert [p["name"] for p in metrics_service["spec"]["ports"]] == ["metrics"]
+    owner = common.owner_info({"kind": "HybridEndpoint", "metadata": {"name": "chat", "namespace": "team-a"}})
+    spec = HybridEndpointSpec.model_validate({"mode": "rag", "retrieval": {"vectorIndexRef": {"name": "docs"}}})
+    for runtime in ("deployment", "rayservice"):
+        service = endpoint.service(owner, spec, endpoint.names(owner), common.labels(owner, endpoint.COMPONENT),
+                                   runtime)
+        assert endpoints["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert [p["name"] for p in service["spec"]["ports"]] == [endpoints["spec"]["endpoints"][0]["port"]]
+        assert service["metadata"]["annotations"]["prometheus.io/port"] == str(spec.port)
+    assert endpoints["spec"]["namespaceSelector"] == {"any": True}
+    served = by_kind(objects(render(helm, *flags, "--set", "watchNamespaces={team-a}").stdout))["ServiceMonitor"][1]
+    assert served["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    # the API server takes them as the Prometheus Operator's CRD defines them
+    text = render(helm, *flags, "--set", "watchNamespaces={default}", namespace="default").stdout
+    result = kube.kubectl("apply", "--dry-run=server", "-n", "default", "-f", "-", stdin=text, check=False)
+    assert result.returncode == 0, result.stderr
+    # and a ServiceMonitor without the Service it scrapes is refused when rendering
+    refused = render(helm, "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service.enabled=false",
+                     check=False)
+    assert refused.returncode != 0 and "metrics.service.enabled" in refused.stderr

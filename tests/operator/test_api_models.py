@@ -11,7 +11,7 @@ from typing import get_args
 
 from ragtune import conditions as c
 from ragtune.api.base import EMBEDDING_PRECISIONS
-from ragtune.api.crdgen import KINDS, crd, render_all
+from ragtune.api.crdgen import CONDITION_REASON_PATTERN, CONDITION_TYPE_PATTERN, KINDS, crd, render_all
 from ragtune.api.finetunejob import FineTuneJobSpec
 from ragtune.api.hybridendpoint import DEFAULT_RAG_SYSTEM_PROMPT, HybridEndpointSpec, RetrievalSpec
 from ragtune.api.vectorindex import EmbeddingSpec
@@ -43,12 +43,17 @@ def test_crds_carry_short_names_category_status_and_printer_columns():
         rendered = crd(kind)
         version = rendered["spec"]["versions"][0]
         assert rendered["spec"]["names"]["categories"] == ["ragtune"]
-        assert version["subresources"] == {"status": {}}
+        # a HybridEndpoint scales (kubectl scale, an HPA, KEDA): replicas, and the serving pods' selector
+        assert version["subresources"] == ({"status": {}, "scale": {
+            "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector"}} if kind.kind == "HybridEndpoint" else {"status": {}})
         columns = [col["name"] for col in version["additionalPrinterColumns"]]
         assert columns[:2] == ["Ready", "Reason"] and columns[-1] == "Age"
         conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
         assert (conditions["x-kubernetes-list-type"], conditions["x-kubernetes-list-map-keys"]) == ("map", ["type"])
-        assert {"type", "status"} <= set(conditions["items"]["required"])
+        # each item as metav1.Condition: every field but observedGeneration required, type and reason patterned
+        assert set(conditions["items"]["required"]) == {"type", "status", "lastTransitionTime", "reason", "message"}
+        assert conditions["items"]["properties"]["reason"]["pattern"] == CONDITION_REASON_PATTERN
         assert conditions["items"]["properties"]["lastTransitionTime"]["format"] == "date-time"
 
 
@@ -99,3 +104,21 @@ def test_conditions_keep_transition_time_until_status_flips():
     assert same[0]["lastTransitionTime"] == "2020-01-01T00:00:00Z" and same[0]["observedGeneration"] == 2
     assert flipped[0]["lastTransitionTime"] != "2020-01-01T00:00:00Z"
     assert [t["type"] for t in c.transitions(same, flipped)] == [c.READY]
+
+
+def test_every_condition_ragtune_writes_passes_the_crds_condition_rules():
+    import re
+
+    constants = {name: value for name, value in vars(c).items() if name.isupper() and isinstance(value, str)}
+    types = [constants[n] for n in ("READY", "PROGRESSING", "SUCCEEDED", "FAILED", "PROMOTABLE", "INDEXED",
+                                    "REFERENCES_READY", "AVAILABLE")]
+    reasons = [v for n, v in constants.items() if v not in types] + ["Indexing"]
+    assert all(re.match(CONDITION_TYPE_PATTERN, t) for t in types)
+    assert [r for r in reasons if not re.match(CONDITION_REASON_PATTERN, r)] == []
+    # a message past metav1.Condition's limit is cut, not refused with the whole status write
+    long = c.condition(c.FAILED, True, c.JOB_FAILED, "x" * 40000)
+    assert len(long["message"]) == c.MESSAGE_LIMIT and long["message"].endswith("…")
+    # a condition an older release wrote without message or lastTransitionTime is completed when kept
+    kept = c.merge_conditions([{"type": c.INDEXED, "status": "True", "reason": "Indexed"}],
+                              [c.condition(c.READY, True, c.JOB_SUCCEEDED, "done")], 1)
+    assert all({"message", "lastTransitionTime"} <= set(cond) for cond in kept)

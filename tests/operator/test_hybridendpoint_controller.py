@@ -105,3 +105,28 @@ def test_a_restarted_operator_rolls_nothing(kube, namespace, ragtune_operator):
     assert after[0]["spec"] == before[0]["spec"]
     assert after[1]["metadata"]["resourceVersion"] == before[1]["metadata"]["resourceVersion"]
     assert after[2]["spec"] == before[2]["spec"]
+
+
+def test_the_endpoint_scales_through_its_scale_subresource(kube, namespace):
+    """`kubectl scale` (or an HPA, or KEDA) sets spec.replicas through /scale; the Deployment follows, and /scale
+    reports the replicas and the selector of the pods that serve."""
+    ready_references(kube, namespace, "ft", "sha256:" + "1" * 64)
+    kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)
+    wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
+
+    kube.kubectl("scale", "hybridendpoint", "chat", "-n", namespace, "--replicas=2")
+    kube.wait_for(lambda: kube.get("apps/v1", "Deployment", "chat", namespace)["spec"]["replicas"] == 2,
+                  "the Deployment to run 2 replicas")
+    path = f"/apis/ragtune.io/v1alpha1/namespaces/{namespace}/hybridendpoints/chat/scale"
+    scale = kube.wait_for(lambda: (lambda s: s if s["status"].get("replicas") == 2 else None)(
+        json.loads(kube.kubectl("get", "--raw", path).stdout)), "/scale to report 2 replicas")
+    assert scale["spec"]["replicas"] == 2
+    deployment = kube.get("apps/v1", "Deployment", "chat", namespace)
+    wanted = deployment["spec"]["selector"]["matchLabels"]
+    assert dict(pair.split("=") for pair in scale["status"]["selector"].split(",")) == wanted
+    assert wanted.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+    kube.kubectl("scale", "hybridendpoint", "chat", "-n", namespace, "--replicas=0")
+    zero = wait_ready(kube, "HybridEndpoint", "chat", namespace, reason="ScaledToZero")
+    assert zero["status"]["replicas"] == 0
+    assert kube.get("apps/v1", "Deployment", "chat", namespace)["spec"]["replicas"] == 0

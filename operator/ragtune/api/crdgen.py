@@ -10,9 +10,15 @@ import yaml
 from pydantic import BaseModel
 
 from .. import GROUP, VERSION
+from ..conditions import MESSAGE_LIMIT
 from .finetunejob import FineTuneJobSpec, FineTuneJobStatus
 from .hybridendpoint import HybridEndpointSpec, HybridEndpointStatus
 from .vectorindex import VectorIndexSpec, VectorIndexStatus
+
+# metav1.Condition's own validation of a condition's type and reason
+CONDITION_TYPE_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                          r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$")
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,7 @@ class Kind:
     status: type[BaseModel]
     description: str
     printer_columns: list[dict[str, Any]] = field(default_factory=list)
+    scale: dict[str, str] | None = None  # the scale subresource's paths, for a kind with replicas
 
     @property
     def singular(self) -> str:
@@ -65,7 +72,8 @@ KINDS: list[Kind] = [
         {"name": "Replicas", "type": "string", "jsonPath": ".status.readyReplicas"},
         {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    ]),
+    ], scale={"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+              "labelSelectorPath": ".status.selector"}),
 ]
 KINDS_BY_NAME = {k.kind: k for k in KINDS}
 
@@ -174,7 +182,15 @@ def crd(kind: Kind) -> dict[str, Any]:
     if conditions:  # API conventions: a list keyed by type, as kubectl and server-side apply expect
         conditions["x-kubernetes-list-type"] = "map"
         conditions["x-kubernetes-list-map-keys"] = ["type"]
-        conditions["items"]["properties"]["lastTransitionTime"]["format"] = "date-time"
+        # and each item as metav1.Condition validates it
+        item = conditions["items"]
+        item["required"] = ["type", "status", "lastTransitionTime", "reason", "message"]
+        fields = item["properties"]
+        fields["type"].update(maxLength=316, pattern=CONDITION_TYPE_PATTERN)
+        fields["reason"].update(minLength=1, maxLength=1024, pattern=CONDITION_REASON_PATTERN)
+        fields["message"]["maxLength"] = MESSAGE_LIMIT
+        fields["lastTransitionTime"]["format"] = "date-time"
+        fields["observedGeneration"]["minimum"] = 0
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -194,7 +210,7 @@ def crd(kind: Kind) -> dict[str, Any]:
                 "name": VERSION,
                 "served": True,
                 "storage": True,
-                "subresources": {"status": {}},
+                "subresources": {"status": {}, **({"scale": kind.scale} if kind.scale else {})},
                 "additionalPrinterColumns": kind.printer_columns,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",

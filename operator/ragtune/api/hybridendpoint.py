@@ -108,8 +108,13 @@ class HybridEndpointSpec(ApiModel):
     retrieval: RetrievalSpec | None = None
     prompt: PromptSpec = Field(default_factory=PromptSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
-    replicas: int = Field(default=1, ge=0, le=100)
-    autoscaling: AutoscalingSpec | None = None
+    replicas: int = Field(default=1, ge=0, le=100, description="Serving replicas: pods of the Deployment runtime, "
+                          "Ray Serve replicas of the engine's deployment in a RayService; 0 scales to zero. The "
+                          "scale subresource sets it: kubectl scale, an HPA or KEDA (on the endpoint's /metrics).")
+    autoscaling: AutoscalingSpec | None = Field(default=None, description="Ray Serve autoscaling of the engine's "
+                                                "deployment in a RayService (by ongoing requests per replica). The "
+                                                "Deployment runtime runs spec.replicas pods: scale those with an "
+                                                "HPA or KEDA through the scale subresource.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     api_key_secret: str | None = Field(default=None, max_length=253, description="Secret whose key 'api-key' "
                                        "holds the Bearer key clients must send; open when empty.")
@@ -153,6 +158,8 @@ class HybridEndpointStatus(ApiModel):
     runtime: str | None = None
     replicas: int | None = None
     ready_replicas: int | None = None
+    selector: str | None = Field(default=None, description="The serving pods' label selector (the scale "
+                                 "subresource's, for an HPA or KEDA).")
     served: ServedVersions | None = None
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)

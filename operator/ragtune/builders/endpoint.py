@@ -207,7 +207,7 @@ def build(body: dict[str, Any], spec: HybridEndpointSpec, runtime: str, adapter:
 def deployment(owner, spec, n, labels, volumes, mounts, config_digest, env) -> dict[str, Any]:
     command = ["python", "-m", "ragtune_workloads.serve", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}",
                "--port", str(spec.port)]
-    selector = {"app.kubernetes.io/instance": owner.name, "app.kubernetes.io/name": COMPONENT}
+    selector = serving_pods(owner, "deployment")
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": n["deployment"], "namespace": owner.namespace, "labels": labels},
@@ -277,17 +277,30 @@ def rayservice(owner, spec, n, labels, volumes, mounts, config_digest, env) -> d
     }
 
 
-def service(owner, spec, n, labels, runtime: str) -> dict[str, Any]:
+def serving_pods(owner: OwnerInfo, runtime: str) -> dict[str, str]:
+    """The labels of the pods that serve the endpoint: its Service's selector, and its scale subresource's."""
     if runtime == "rayservice":
         # KubeRay labels the pods that serve traffic; ragtune's Service fronts them under the endpoint's name.
-        selector = {"ray.io/serve": "true", "app.kubernetes.io/instance": owner.name}
-    else:
-        selector = {"app.kubernetes.io/instance": owner.name, "app.kubernetes.io/name": COMPONENT}
+        return {"ray.io/serve": "true", "app.kubernetes.io/instance": owner.name}
+    return {"app.kubernetes.io/instance": owner.name, "app.kubernetes.io/name": COMPONENT}
+
+
+def service(owner, spec, n, labels, runtime: str) -> dict[str, Any]:
+    selector = serving_pods(owner, runtime)
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": n["service"], "namespace": owner.namespace, "labels": labels},
+        # Prometheus' annotation-based discovery (the chart's endpointsServiceMonitor for the Prometheus Operator)
+        "metadata": {"name": n["service"], "namespace": owner.namespace, "labels": labels,
+                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.port),
+                                     "prometheus.io/path": "/metrics"}},
         "spec": {"selector": selector, "ports": [{"name": "http", "port": spec.port, "targetPort": spec.port}]},
     }
+
+
+def selector_text(owner: OwnerInfo, runtime: str) -> str:
+    """status.selector: the serving pods' labels as a label selector string (the scale subresource's
+    labelSelectorPath, which an HPA or KEDA reads to find the pods it measures)."""
+    return ",".join(f"{key}={value}" for key, value in sorted(serving_pods(owner, runtime).items()))
 
 
 def url(owner: OwnerInfo, spec: HybridEndpointSpec) -> str:

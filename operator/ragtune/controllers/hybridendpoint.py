@@ -206,9 +206,13 @@ def refresh(key: tuple[str, str, str], unresolved: Unresolved | None = None) -> 
     kind = "RayService" if runtime == "rayservice" else "Deployment"
     workloads = [w for w in cache.JOBS.get(key) if w.get("kind") == kind]
     child = workloads[0] if workloads else None
-    wanted = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
+    # Ray Serve autoscales a RayService's engine from minReplicas; a Deployment runs spec.replicas pods (which the
+    # scale subresource lets kubectl scale, an HPA or KEDA set)
+    wanted = spec.autoscaling.min_replicas if spec.autoscaling and runtime == "rayservice" else spec.replicas
     fields, conds = statuses.endpoint_workload(kind, child, wanted)
-    fields.update({"runtime": runtime, "url": builder.url(common.owner_info(owner), spec)})
+    info = common.owner_info(owner)
+    fields.update({"runtime": runtime, "url": builder.url(info, spec),
+                   "selector": builder.selector_text(info, runtime)})
     served = current.get("served")
     if unresolved is not None:
         conds.append(c.condition(c.REFERENCES_READY, False, unresolved.reason, unresolved.message))
