@@ -111,8 +111,11 @@ def test_the_endpoint_scales_through_its_scale_subresource(kube, namespace):
     """`kubectl scale` (or an HPA, or KEDA) sets spec.replicas through /scale; the Deployment follows, and /scale
     reports the replicas and the selector of the pods that serve."""
     ready_references(kube, namespace, "ft", "sha256:" + "1" * 64)
-    kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)
-    wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
+    # autoscaling is Ray Serve's, in a RayService: this endpoint's Deployment runs spec.replicas pods
+    kube.apply(endpoint("chat", adapter="ft", index="docs", autoscaling={"minReplicas": 0, "maxReplicas": 3}),
+               namespace)
+    ready = wait_ready(kube, "HybridEndpoint", "chat", namespace, reason="Deployed", timeout=90)
+    assert ready["status"]["runtime"] == "deployment" and ready["status"]["replicas"] == 1
 
     kube.kubectl("scale", "hybridendpoint", "chat", "-n", namespace, "--replicas=2")
     kube.wait_for(lambda: kube.get("apps/v1", "Deployment", "chat", namespace)["spec"]["replicas"] == 2,
