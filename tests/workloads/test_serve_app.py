@@ -312,6 +312,38 @@ def test_a_client_that_goes_away_stops_the_generation_it_asked_for(stack):
                                          f"{generating_all:.2f}s)"
     counted = metric(stack, "rag", 'ragtune_tokens_total{kind="completion"}') - tokens_before
     assert 1 <= counted < 800
+    # and the engine itself stopped (not only the request around it): the transformers engine generates one
+    # request at a time, so a short request now would wait for whatever it still generates
+    with client(stack, "rag") as http:
+        asked = time.monotonic()
+        short = http.post("/v1/chat/completions", json={**ask, "max_tokens": 1})
+        waited = time.monotonic() - asked
+    assert short.status_code == 200, short.text
+    assert stopped + waited < generating_all / 3, f"the next request waited {waited:.2f}s: the engine went on"
+
+
+def test_a_client_that_goes_away_frees_the_generator_replica_of_a_split_endpoint(stack):
+    """The split topology (the engine in a Generator replica of its own, behind the ingress): a streaming client
+    that disconnects cancels the Generator's call too. The transformers engine generates one request at a time, so
+    a short request sent just after waits for whatever the replica still generates: it answers long before the
+    abandoned answer could have finished."""
+    ask = {"model": "finetuned", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 800,
+           "ignore_eos": True, "temperature": 0}
+    with client(stack, "finetuned") as http:
+        started = time.monotonic()
+        whole = http.post("/v1/chat/completions", json=ask)
+        generating_all = time.monotonic() - started
+        assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == 800
+        with http.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break  # the first words: the client goes away
+        left = time.monotonic()
+        short = http.post("/v1/chat/completions", json={**ask, "max_tokens": 1})
+        waited = time.monotonic() - left
+    assert short.status_code == 200, short.text
+    assert waited < generating_all / 3, f"the next request waited {waited:.2f}s (a whole answer takes " \
+                                        f"{generating_all:.2f}s): the abandoned generation went on"
 
 
 def test_a_stream_ends_with_done_as_openai_streams_do(stack):
