@@ -43,6 +43,13 @@ def by_kind(objs: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def operator_role(kinds: dict[str, list[dict]]) -> dict:
+    """The operator's ClusterRole (the others add ragtune objects to the default user roles)."""
+    (role,) = [o for o in kinds["ClusterRole"]
+               if not any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in o["metadata"]["labels"])]
+    return role
+
+
 def test_chart_lints_clean(helm):
     result = subprocess.run([str(helm), "lint", "--strict", str(CHART)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -50,7 +57,7 @@ def test_chart_lints_clean(helm):
 
 def test_default_install_is_cluster_wide_with_the_operators_own_rules(helm):
     kinds = by_kind(objects(render(helm).stdout))
-    assert kinds["ClusterRole"][0]["rules"] == RULES
+    assert operator_role(kinds)["rules"] == RULES
     binding = kinds["ClusterRoleBinding"][0]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rt-ragtune", "namespace": "ragtune-system"}]
     assert "Role" not in kinds
@@ -74,7 +81,7 @@ def test_single_namespace_mode_uses_roles_in_the_served_namespaces(helm):
     roles = kinds["Role"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert all(r["rules"] == namespaced for r in roles)
-    assert kinds["ClusterRole"][0]["rules"] == cluster
+    assert operator_role(kinds)["rules"] == cluster
     args = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert sorted(p["metadata"]["namespace"] for p in kinds["KopfPeering"]) == ["team-a", "team-b"]
@@ -97,7 +104,7 @@ def test_names_can_be_overridden_and_the_chart_works_as_a_subchart(helm):
     """Helm passes a subchart `global`; nameOverride and fullnameOverride are the usual knobs."""
     kinds = by_kind(objects(render(helm, "--set", "fullnameOverride=ml-operator", "--set", "global.x=1").stdout))
     assert kinds["Deployment"][0]["metadata"]["name"] == "ml-operator"
-    assert kinds["ClusterRole"][0]["metadata"]["name"] == "ml-operator"
+    assert operator_role(kinds)["metadata"]["name"] == "ml-operator"
     named = by_kind(objects(render(helm, "--set", "nameOverride=tuner").stdout))
     deployment = named["Deployment"][0]
     assert deployment["metadata"]["name"] == "rt-tuner"
@@ -193,3 +200,41 @@ def test_service_monitors_scrape_the_operator_and_every_endpoint(helm, kube, crd
     refused = render(helm, "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service.enabled=false",
                      check=False)
     assert refused.returncode != 0 and "metrics.service.enabled" in refused.stderr
+
+
+def test_default_roles_let_namespace_users_manage_ragtune_objects(helm, kube, crds):
+    """Aggregated into Kubernetes' own admin/edit/view (the controller manager aggregates them): an editor of a
+    namespace manages its ragtune objects and scales endpoints, a viewer reads them and changes nothing."""
+    kinds = by_kind(objects(render(helm, "--set", "rbac.create=false").stdout))
+    assert {o["metadata"]["name"] for o in kinds["ClusterRole"]} == {"rt-ragtune-edit", "rt-ragtune-view"}
+    assert not {"ClusterRoleBinding", "Role", "RoleBinding"} & set(kinds)  # the operator's own, left to an admin
+    assert "ClusterRole" not in by_kind(objects(render(
+        helm, "--set", "rbac.create=false", "--set", "rbac.aggregateToDefaultRoles=false").stdout))
+
+    aggregated = kinds["ClusterRole"]
+    kube.apply(aggregated)
+    namespace = kube.create_namespace("roles")
+    try:
+        for user, role in (("alice", "edit"), ("bob", "view")):
+            kube.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                        "metadata": {"name": f"{user}-{role}"},
+                        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]},
+                       namespace)
+
+        def can(user: str, verb: str, resource: str) -> bool:
+            result = kube.kubectl("auth", "can-i", verb, resource, "-n", namespace, "--as", user, check=False)
+            return result.stdout.strip() == "yes"
+
+        kube.wait_for(lambda: can("alice", "create", "hybridendpoints.ragtune.io"),
+                      "the edit role to take in ragtune's rules")
+        assert can("alice", "delete", "finetunejobs.ragtune.io") and can("alice", "patch", "vectorindexes.ragtune.io")
+        assert can("alice", "update", "hybridendpoints.ragtune.io/scale")
+        kube.wait_for(lambda: can("bob", "list", "vectorindexes.ragtune.io"), "the view role to take in ragtune's")
+        assert can("bob", "get", "hybridendpoints.ragtune.io")
+        assert not can("bob", "create", "hybridendpoints.ragtune.io")
+        assert not can("bob", "update", "hybridendpoints.ragtune.io/scale")
+    finally:
+        kube.delete_namespace(namespace)
+        for role in aggregated:
+            kube.kubectl("delete", "clusterrole", role["metadata"]["name"], "--ignore-not-found")
