@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from ragtune_objects import (API, bound_pvc, endpoint, finetunejob, finish_finetune, finish_index,
                              ready_references, reconciled, resumable, status, vectorindex, volume_for_claim,
                              wait_ready)
 
 pytestmark = pytest.mark.usefixtures("ragtune_operator")
+
+HPA_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hybridendpoint-hpa.yaml"
 
 
 def served_config(kube, namespace, name):
@@ -128,6 +132,18 @@ def test_the_endpoint_scales_through_its_scale_subresource(kube, namespace):
     wanted = deployment["spec"]["selector"]["matchLabels"]
     assert dict(pair.split("=") for pair in scale["status"]["selector"].split(",")) == wanted
     assert wanted.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+    # the HPA controller reads /scale and its selector (no metrics server here: it stops at the metrics)
+    hpa = yaml.safe_load(HPA_EXAMPLE.read_text())
+    hpa["spec"]["scaleTargetRef"]["name"] = "chat"
+    kube.apply(hpa, namespace)
+    conditions = kube.wait_for(lambda: (lambda o: o if kube.condition(o, "ScalingActive") else None)(
+        kube.get("autoscaling/v2", "HorizontalPodAutoscaler", hpa["metadata"]["name"], namespace)),
+        "the HPA to evaluate the endpoint", timeout=90)["status"]["conditions"]
+    by_type = {cond["type"]: cond for cond in conditions}
+    assert (by_type["AbleToScale"]["status"], by_type["AbleToScale"]["reason"]) == ("True", "SucceededGetScale")
+    assert by_type["ScalingActive"]["reason"] == "FailedGetResourceMetric", by_type["ScalingActive"]
+    kube.kubectl("delete", "hpa", hpa["metadata"]["name"], "-n", namespace)
 
     kube.kubectl("scale", "hybridendpoint", "chat", "-n", namespace, "--replicas=0")
     zero = wait_ready(kube, "HybridEndpoint", "chat", namespace, reason="ScaledToZero")
