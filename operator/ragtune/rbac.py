@@ -28,6 +28,7 @@ RULES: list[dict[str, Any]] = [
      "verbs": WRITE},
     {"apiGroups": ["batch"], "resources": ["jobs", "cronjobs"], "verbs": WRITE},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": WRITE},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": WRITE},
     {"apiGroups": ["ray.io"], "resources": ["rayservices"], "verbs": WRITE},
     # The workloads' Role lets them annotate their own pods; granting it requires holding it.
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],

@@ -132,6 +132,11 @@ def test_the_endpoint_scales_through_its_scale_subresource(kube, namespace):
     wanted = deployment["spec"]["selector"]["matchLabels"]
     assert dict(pair.split("=") for pair in scale["status"]["selector"].split(",")) == wanted
     assert wanted.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    # two replicas or more: a node drain takes one serving pod at a time
+    budget = kube.wait_for(lambda: kube.get("policy/v1", "PodDisruptionBudget", "chat", namespace),
+                           "a PodDisruptionBudget for 2 replicas")
+    assert budget["spec"]["maxUnavailable"] == 1 and budget["spec"]["selector"]["matchLabels"] == wanted
+    assert budget["metadata"]["ownerReferences"][0]["kind"] == "HybridEndpoint"
 
     # the HPA controller reads /scale and its selector (no metrics server here: it stops at the metrics)
     hpa = yaml.safe_load(HPA_EXAMPLE.read_text())
@@ -149,3 +154,4 @@ def test_the_endpoint_scales_through_its_scale_subresource(kube, namespace):
     zero = wait_ready(kube, "HybridEndpoint", "chat", namespace, reason="ScaledToZero")
     assert zero["status"]["replicas"] == 0
     assert kube.get("apps/v1", "Deployment", "chat", namespace)["spec"]["replicas"] == 0
+    kube.wait_gone("policy/v1", "PodDisruptionBudget", "chat", namespace)  # it would block drains below 2

@@ -201,7 +201,23 @@ def build(body: dict[str, Any], spec: HybridEndpointSpec, runtime: str, adapter:
     else:
         children.append(deployment(owner, spec, n, labels, volumes, mounts, config_digest, env))
     children.append(service(owner, spec, n, labels, runtime))
+    if wants_disruption_budget(spec, runtime):
+        children.append(disruption_budget(owner, n, labels))
     return children
+
+
+def wants_disruption_budget(spec: HybridEndpointSpec, runtime: str) -> bool:
+    """A Deployment of two or more replicas: a node drain then takes one serving pod at a time. (One replica
+    gets none, which would block drains; a RayService's pods are KubeRay's.)"""
+    return runtime == "deployment" and spec.replicas >= 2
+
+
+def disruption_budget(owner: OwnerInfo, n: dict[str, str], labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": n["deployment"], "namespace": owner.namespace, "labels": labels},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": serving_pods(owner, "deployment")}},
+    }
 
 
 def deployment(owner, spec, n, labels, volumes, mounts, config_digest, env) -> dict[str, Any]:

@@ -176,6 +176,8 @@ def reconcile(namespace: str, name: str) -> None:
             return
         shared.ensure_workload_identity(namespace)
         shared.apply_children(owner, builder.build(owner, spec, runtime, adapter, index))
+        if not builder.wants_disruption_budget(spec, runtime):
+            shared.api().delete("policy/v1", "PodDisruptionBudget", name, namespace)
         if runtime == "rayservice":
             shared.api().delete("apps/v1", "Deployment", name, namespace)
         elif shared.api().crd_installed(RAYSERVICE_CRD):
