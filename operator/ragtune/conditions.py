@@ -18,6 +18,11 @@ PROMOTABLE = "Promotable"    # FineTuneJob: evaluation met the thresholds
 INDEXED = "Indexed"          # VectorIndex: an active version can be queried
 REFERENCES_READY = "ReferencesReady"  # HybridEndpoint: the FineTuneJob / VectorIndex it needs are Ready
 AVAILABLE = "Available"      # HybridEndpoint: serving replicas are available
+# kstatus' abnormal-true pair (Flux, kpt, Config Sync and cli-utils read these), derived from the ones above and
+# present only while true
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+KSTATUS = (RECONCILING, STALLED)
 
 # ---- reasons
 PENDING = "Pending"
@@ -84,6 +89,26 @@ def merge_conditions(current: list[dict[str, Any]] | None, desired: list[dict[st
             merged["lastTransitionTime"] = now()
         by_type[new["type"]] = merged
     return [by_type[t] for t in sorted(by_type, key=_order)]
+
+
+def with_kstatus(conditions: list[dict[str, Any]], generation: int | None) -> list[dict[str, Any]]:
+    """`conditions` with kstatus' Reconciling or Stalled as they follow from Ready, Progressing and Failed: Stalled
+    while a run failed or the object is neither Ready nor progressing (a missing reference, an invalid spec),
+    Reconciling while it progresses, neither once it is Ready and settled. Without them kstatus counts an object
+    as reconciled as soon as its observedGeneration is current, a FineTuneJob still training included."""
+    ready = get(conditions, READY)
+    abnormal = []
+    if ready is not None:
+        failed, progressing = get(conditions, FAILED), get(conditions, PROGRESSING)
+        if is_true(conditions, FAILED):
+            abnormal.append(condition(STALLED, True, failed["reason"], failed.get("message", "")))
+        elif is_true(conditions, PROGRESSING):
+            abnormal.append(condition(RECONCILING, True, progressing["reason"], progressing.get("message", "")))
+        elif ready["status"] != "True":
+            abnormal.append(condition(STALLED, True, ready["reason"], ready.get("message", "")))
+    present = {x["type"] for x in abnormal}
+    return [x for x in merge_conditions(conditions, abnormal, generation)
+            if x["type"] not in KSTATUS or x["type"] in present]
 
 
 def _order(type_: str) -> tuple[int, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from typing import get_args
@@ -111,7 +112,7 @@ def test_every_condition_ragtune_writes_passes_the_crds_condition_rules():
 
     constants = {name: value for name, value in vars(c).items() if name.isupper() and isinstance(value, str)}
     types = [constants[n] for n in ("READY", "PROGRESSING", "SUCCEEDED", "FAILED", "PROMOTABLE", "INDEXED",
-                                    "REFERENCES_READY", "AVAILABLE")]
+                                    "REFERENCES_READY", "AVAILABLE", "RECONCILING", "STALLED")]
     reasons = [v for n, v in constants.items() if v not in types] + ["Indexing"]
     assert all(re.match(CONDITION_TYPE_PATTERN, t) for t in types)
     assert [r for r in reasons if not re.match(CONDITION_REASON_PATTERN, r)] == []
@@ -122,3 +123,36 @@ def test_every_condition_ragtune_writes_passes_the_crds_condition_rules():
     kept = c.merge_conditions([{"type": c.INDEXED, "status": "True", "reason": "Indexed"}],
                               [c.condition(c.READY, True, c.JOB_SUCCEEDED, "done")], 1)
     assert all({"message", "lastTransitionTime"} <= set(cond) for cond in kept)
+
+
+@pytest.mark.parametrize("ready,progressing,failed,expected", [
+    (("True", c.JOB_SUCCEEDED), ("False", c.JOB_SUCCEEDED), ("False", c.JOB_SUCCEEDED), None),  # done: neither
+    (("False", c.JOB_RUNNING), ("True", c.JOB_RUNNING), ("False", c.JOB_RUNNING), (c.RECONCILING, c.JOB_RUNNING)),
+    (("False", c.BACKOFF_LIMIT_EXCEEDED), ("False", c.BACKOFF_LIMIT_EXCEEDED), ("True", c.BACKOFF_LIMIT_EXCEEDED),
+     (c.STALLED, c.BACKOFF_LIMIT_EXCEEDED)),
+    # an index serving its last version after a failed run: Stalled, as Argo CD's check says Degraded
+    (("True", c.JOB_FAILED), ("False", c.JOB_FAILED), ("True", c.JOB_FAILED), (c.STALLED, c.JOB_FAILED)),
+    # an endpoint whose reference is missing: not Ready, not progressing
+    (("False", c.REFERENCE_NOT_FOUND), ("False", c.REFERENCE_NOT_FOUND), None, (c.STALLED, c.REFERENCE_NOT_FOUND)),
+    # an endpoint serving while it waits for a new adapter
+    (("True", c.DEPLOYED), ("True", c.WAITING_FOR_FINE_TUNE_JOB), None, (c.RECONCILING, c.WAITING_FOR_FINE_TUNE_JOB)),
+])
+def test_kstatus_conditions_follow_ready_progressing_and_failed(ready, progressing, failed, expected):
+    desired = [c.condition(c.READY, ready[0] == "True", ready[1], "r"),
+               c.condition(c.PROGRESSING, progressing[0] == "True", progressing[1], "p")]
+    if failed:
+        desired.append(c.condition(c.FAILED, failed[0] == "True", failed[1], "f"))
+    conditions = c.with_kstatus(c.merge_conditions([], desired, 3), 3)
+    found = [(x["type"], x["reason"]) for x in conditions if x["type"] in c.KSTATUS]
+    assert found == ([expected] if expected else [])
+    assert all(x["status"] == "True" and x["observedGeneration"] == 3 for x in conditions if x["type"] in c.KSTATUS)
+
+
+def test_kstatus_conditions_go_once_settled_and_keep_their_transition_time_meanwhile():
+    running = [c.condition(c.READY, False, c.JOB_RUNNING, "x"), c.condition(c.PROGRESSING, True, c.JOB_RUNNING, "x")]
+    first = c.with_kstatus(c.merge_conditions([], running, 1), 1)
+    next(x for x in first if x["type"] == c.RECONCILING)["lastTransitionTime"] = "2020-01-01T00:00:00Z"
+    again = c.with_kstatus(c.merge_conditions(first, running, 1), 1)
+    assert next(x for x in again if x["type"] == c.RECONCILING)["lastTransitionTime"] == "2020-01-01T00:00:00Z"
+    done = [c.condition(c.READY, True, c.JOB_SUCCEEDED, "y"), c.condition(c.PROGRESSING, False, c.JOB_SUCCEEDED, "y")]
+    assert not {x["type"] for x in c.with_kstatus(c.merge_conditions(again, done, 1), 1)} & set(c.KSTATUS)

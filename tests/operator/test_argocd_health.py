@@ -1,6 +1,7 @@
 """examples/argocd/health.lua, the Argo CD health check for ragtune's kinds, run as Argo CD runs it (gopher-lua,
 built from tests/argocd/luahealth) on the objects the operator reports on: a promotion in Git is Progressing until
-the endpoint serves the new adapter, then Healthy; a failed FineTuneJob is Degraded."""
+the endpoint serves the new adapter, then Healthy; a failed FineTuneJob is Degraded. And kstatus' Reconciling and
+Stalled conditions (Flux, kpt, Config Sync) say the same."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def test_a_promotion_is_progressing_until_the_new_adapter_serves(kube, namespace
     kube.apply(endpoint("chat", adapter="ft-v1", index="docs"), namespace)
     served = wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
     assert health(luahealth, served) == {"status": "Healthy", "message": "1/1 replicas ready"}
+    assert not {x["type"] for x in served["status"]["conditions"]} & {"Reconciling", "Stalled"}
 
     # the Git change: a new FineTuneJob and the endpoint's reference to it
     kube.apply(finetunejob("ft-v2"), namespace)
@@ -51,6 +53,7 @@ def test_a_promotion_is_progressing_until_the_new_adapter_serves(kube, namespace
     waiting = kube.wait_for(lambda: (lambda o: o if "ft-v2" in health(luahealth, o)["message"] else None)(
         kube.get(API, "HybridEndpoint", "chat", namespace)), "the endpoint to wait for ft-v2")
     assert health(luahealth, waiting)["status"] == "Progressing"
+    assert kube.condition(waiting, "Reconciling")["reason"] == "WaitingForFineTuneJob"
     assert kube.condition(waiting, "Ready")["status"] == "True"  # it serves ft-v1 meanwhile
 
     finish_finetune(kube, namespace, "ft-v2", "sha256:" + "2" * 64)
@@ -69,4 +72,8 @@ def test_a_failed_finetunejob_is_degraded_with_the_reason(kube, namespace, luahe
     failed = kube.wait_condition(API, "FineTuneJob", "broken", namespace, "Failed", timeout=60)
     verdict = health(luahealth, failed)
     assert verdict["status"] == "Degraded" and "exit code 1" in verdict["message"]
+    stalled = kube.condition(failed, "Stalled") or kube.condition(
+        kube.wait_condition(API, "FineTuneJob", "broken", namespace, "Stalled"), "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "BackoffLimitExceeded")
+    assert kube.condition(failed, "Reconciling") is None
     assert status(kube, "FineTuneJob", "broken", namespace)["phase"] == "Failed"

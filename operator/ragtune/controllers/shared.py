@@ -149,7 +149,7 @@ def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desi
     uid_key = status_key(body)
     current = known_status(body)
     generation = meta.get("generation")
-    merged = c.merge_conditions(current.get("conditions"), desired, generation)
+    merged = c.with_kstatus(c.merge_conditions(current.get("conditions"), desired, generation), generation)
     new_status = {**fields, "observedGeneration": generation, "conditions": merged}
     changes = {k: v for k, v in new_status.items() if current.get(k) != v}
     if not changes:
@@ -159,7 +159,7 @@ def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desi
     cache.STATUS.put(uid_key, generation or 0, {**current, **changes})
     if events:
         for cond in c.transitions(current.get("conditions"), merged):
-            if cond["type"] == c.PROGRESSING:  # mirrors Ready; one event per transition is enough
+            if cond["type"] in (c.PROGRESSING, *c.KSTATUS):  # mirror Ready and Failed; one event is enough
                 continue
             if cond["type"] == c.FAILED and cond["status"] == "False":  # not failing is no news; Ready says it
                 continue
