@@ -156,3 +156,18 @@ def test_kstatus_conditions_go_once_settled_and_keep_their_transition_time_meanw
     assert next(x for x in again if x["type"] == c.RECONCILING)["lastTransitionTime"] == "2020-01-01T00:00:00Z"
     done = [c.condition(c.READY, True, c.JOB_SUCCEEDED, "y"), c.condition(c.PROGRESSING, False, c.JOB_SUCCEEDED, "y")]
     assert not {x["type"] for x in c.with_kstatus(c.merge_conditions(again, done, 1), 1)} & set(c.KSTATUS)
+
+
+def test_every_spec_field_is_documented_for_kubectl_explain():
+    undocumented = []
+
+    def walk(node: dict, path: str) -> None:
+        for name, prop in (node.get("properties") or {}).items():
+            if not prop.get("description"):
+                undocumented.append(f"{path}.{name}")
+            walk(prop, f"{path}.{name}")
+            walk(prop.get("items") or {}, f"{path}.{name}[]")
+
+    for kind in KINDS:
+        walk(crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"], kind.kind)
+    assert undocumented == []

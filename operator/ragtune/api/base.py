@@ -52,11 +52,15 @@ def precision_rules(prefix: str, backend_field: str, precision_field: str) -> li
 
 
 class SecretKeyRef(ApiModel):
+    """A key of a Secret in the object's namespace."""
+
     name: str = Field(min_length=1, max_length=253, description="Name of a Secret in the object's namespace.")
     key: str = Field(min_length=1, max_length=253, description="Key inside the Secret.")
 
 
 class S3Location(ApiModel):
+    """A prefix in an S3-compatible bucket, with its endpoint and credentials."""
+
     uri: str = Field(pattern=r"^s3://[^/]+(/.*)?$", description="s3://bucket/prefix")
     endpoint: str | None = Field(default=None, description="S3-compatible endpoint URL; AWS when empty.")
     credentials_secret: str | None = Field(
@@ -67,20 +71,28 @@ class S3Location(ApiModel):
 
 
 class PvcLocation(ApiModel):
+    """A path inside a PersistentVolumeClaim of the object's namespace."""
+
     claim_name: str = Field(min_length=1, max_length=253, description="PersistentVolumeClaim in the same namespace.")
     path: str = Field(default="", max_length=1024, description="Path inside the volume.")
 
 
 class ObjectReference(ApiModel):
-    name: str = Field(min_length=1, max_length=253)
+    """Another ragtune object in the same namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Its name.")
 
 
 class Toleration(ApiModel):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    """A taint the workload's pod tolerates, as in a pod spec."""
+
+    key: str | None = Field(default=None, description="Taint key; empty with operator Exists matches every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Equal (the default) or Exists.")
+    value: str | None = Field(default=None, description="Taint value, for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; every effect when empty.")
+    toleration_seconds: int | None = Field(default=None, description="NoExecute: how long the pod stays once the "
+                                           "taint appears.")
 
 
 class ResourcesSpec(ApiModel):
@@ -91,9 +103,10 @@ class ResourcesSpec(ApiModel):
     cpu: str = Field(default="2", pattern=r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$", description="CPU request, e.g. 2 or 500m.")
     memory: str = Field(default="8Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
                         description="Memory request and limit, e.g. 8Gi.")
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    priority_class_name: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod must run on.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the pod tolerates (GPU nodes "
+                                          "often carry one).")
+    priority_class_name: str | None = Field(default=None, description="PriorityClass of the pod.")
 
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Ready", "Progressing", "Degraded"]

@@ -14,6 +14,8 @@ DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.3"
 
 
 class BaseModelSpec(ApiModel):
+    """The base model the adapter is trained on."""
+
     model_config = validations(
         cel("self.source != 'pvc' || has(self.pvc)", "model.pvc is required when model.source is pvc: "
             "set model.pvc.claimName (and model.pvc.path)"),
@@ -34,20 +36,24 @@ DatasetFormat = Literal["instruction", "prompt-completion", "chat"]
 class FieldMapping(ApiModel):
     """Column names of the rows, when they differ from the format's defaults."""
 
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    messages: str = "messages"
+    instruction: str = Field(default="instruction", description="format instruction: the task column.")
+    input: str = Field(default="input", description="format instruction: the optional context column.")
+    output: str = Field(default="output", description="format instruction: the answer column.")
+    prompt: str = Field(default="prompt", description="format prompt-completion: the prompt column.")
+    completion: str = Field(default="completion", description="format prompt-completion: the completion column.")
+    messages: str = Field(default="messages", description="format chat: the column of {role, content} turns.")
 
 
 class ConfigMapFiles(ApiModel):
-    name: str = Field(min_length=1, max_length=253)
+    """A ConfigMap holding JSON or JSONL rows."""
+
+    name: str = Field(min_length=1, max_length=253, description="ConfigMap in the same namespace.")
     key: str | None = Field(default=None, description="One key of the ConfigMap; every .json/.jsonl key when empty.")
 
 
 class DatasetSpec(ApiModel):
+    """The training rows: where they are and how they are laid out."""
+
     model_config = validations(
         cel("self.source != 'configMap' || has(self.configMap)",
             "dataset.configMap is required when dataset.source is configMap: set dataset.configMap.name"),
@@ -73,36 +79,50 @@ class DatasetSpec(ApiModel):
 
 
 class LoraSpec(ApiModel):
+    """The LoRA adapter's shape."""
+
     r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
-    alpha: int = Field(default=32, ge=1, le=4096)
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    alpha: int = Field(default=32, ge=1, le=4096, description="LoRA scaling numerator (alpha / r scales the "
+                       "update).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA layers.")
     target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1,
                                       description="Module names, or all-linear.")
 
 
 class TrainingSpec(ApiModel):
+    """The supervised fine-tuning run's hyperparameters."""
+
     model_config = validations(
         cel("!has(self.maxSteps) || self.maxSteps > 0", "training.maxSteps must be positive; remove it to train "
             "for training.epochs"),
     )
-    epochs: float = Field(default=2, gt=0, le=100)
+    epochs: float = Field(default=2, gt=0, le=100, description="Passes over the training rows.")
     max_steps: int | None = Field(default=None, description="Stops after this many optimizer steps; overrides epochs.")
-    learning_rate: float = Field(default=1e-4, gt=0, le=1)
-    batch_size: int = Field(default=2, ge=1, le=1024)
-    gradient_accumulation_steps: int = Field(default=8, ge=1, le=1024)
-    max_seq_length: int = Field(default=2048, ge=16, le=131072)
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    seed: int = Field(default=42, ge=0)
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    learning_rate: float = Field(default=1e-4, gt=0, le=1, description="Peak learning rate.")
+    batch_size: int = Field(default=2, ge=1, le=1024, description="Rows per device step.")
+    gradient_accumulation_steps: int = Field(default=8, ge=1, le=1024, description="Device steps per optimizer "
+                                             "step (effective batch: batchSize x this).")
+    max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Tokens kept of each row (longer rows "
+                                "are truncated).")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(default="auto", description="auto: bf16 where the "
+                                                               "GPU has it, fp16 on other GPUs, fp32 on CPU.")
+    seed: int = Field(default=42, ge=0, description="Seed of shuffling, dropout and initialisation.")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Share of steps warming up the learning "
+                                "rate.")
     save_steps: int = Field(default=50, ge=1, description="Checkpoint interval; a retried Job resumes from the last.")
 
 
 class GgufSpec(ApiModel):
-    enabled: bool = False
-    quantization: Literal["f16", "q8_0", "q4_k_m", "q5_k_m"] = "q4_k_m"
+    """A GGUF file of the merged model (llama.cpp, Ollama)."""
+
+    enabled: bool = Field(default=False, description="Also write model-<quantization>.gguf.")
+    quantization: Literal["f16", "q8_0", "q4_k_m", "q5_k_m"] = Field(default="q4_k_m", description="Weight type "
+                                                                     "of the GGUF file.")
 
 
 class OutputSpec(ApiModel):
+    """Where the adapter (and the merged model, the GGUF file) are written: one of pvc or s3."""
+
     model_config = validations(
         cel("has(self.pvc) || has(self.s3)", "output needs a destination: set output.pvc.claimName or output.s3.uri"),
         cel("!(has(self.pvc) && has(self.s3))", "set only one of output.pvc and output.s3"),
@@ -114,10 +134,13 @@ class OutputSpec(ApiModel):
 
 
 class EvaluationSpec(ApiModel):
+    """Evaluation on the held-out rows, and the thresholds that make the adapter promotable."""
+
     min_rouge_l: float | None = Field(default=None, ge=0, le=1,
                                       description="Below this ROUGE-L the adapter is marked not promotable.")
-    max_eval_loss: float | None = Field(default=None, gt=0)
-    max_samples: int = Field(default=64, ge=1, le=10000)
+    max_eval_loss: float | None = Field(default=None, gt=0, description="Above this eval loss the adapter is "
+                                        "marked not promotable.")
+    max_samples: int = Field(default=64, ge=1, le=10000, description="Held-out rows generated and scored.")
 
 
 class FineTuneJobSpec(ApiModel):
@@ -131,7 +154,8 @@ class FineTuneJobSpec(ApiModel):
     )
     model: BaseModelSpec = Field(default_factory=BaseModelSpec)
     dataset: DatasetSpec
-    method: Literal["lora", "qlora"] = "lora"
+    method: Literal["lora", "qlora"] = Field(default="lora", description="qlora trains on a 4-bit base model "
+                                             "(NVIDIA GPUs only).")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     engine: Literal["auto", "unsloth", "trl"] = Field(default="auto", description="auto picks unsloth on NVIDIA GPUs "

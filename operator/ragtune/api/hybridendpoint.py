@@ -23,20 +23,25 @@ DEFAULT_TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
 
 
 class AdapterSpec(ApiModel):
+    """The LoRA adapter served: a FineTuneJob's, or one at a URI."""
+
     model_config = validations(
         cel("has(self.fineTuneJobRef) != has(self.uri)",
             "model.adapter sets exactly one of fineTuneJobRef (a FineTuneJob in this namespace) or uri"),
     )
-    fine_tune_job_ref: ObjectReference | None = None
+    fine_tune_job_ref: ObjectReference | None = Field(default=None, description="A FineTuneJob in this namespace; "
+                                                      "served once it is Ready (change it to promote a new one).")
     uri: str | None = Field(default=None, pattern=r"^(s3|pvc|file|hf)://.+$",
                             description="An adapter outside ragtune: s3://, pvc://claim/path, file:// or hf://")
     require_promotable: bool = Field(default=True, description="Refuse a FineTuneJob adapter marked not promotable.")
 
 
 class EndpointModelSpec(ApiModel):
+    """The base model served, and the adapter on it."""
+
     name: str = Field(default="mistralai/Mistral-7B-Instruct-v0.3", min_length=1, max_length=512,
                       description="Base model; must equal the adapter's base model.")
-    source: Literal["hf", "pvc", "s3"] = "hf"
+    source: Literal["hf", "pvc", "s3"] = Field(default="hf", description="Where the weights come from.")
     pvc: PvcLocation | None = None
     s3: S3Location | None = None
     served_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:/-]{1,128}$",
@@ -45,10 +50,14 @@ class EndpointModelSpec(ApiModel):
 
 
 class RetrievalSpec(ApiModel):
+    """Retrieval from a VectorIndex: which one, how many chunks, and how queries are embedded."""
+
     model_config = validations(*precision_rules("retrieval", "queryBackend", "queryPrecision"))
 
-    vector_index_ref: ObjectReference
-    top_k: int = Field(default=4, ge=1, le=100)
+    vector_index_ref: ObjectReference = Field(description="A VectorIndex in this namespace; its new versions are "
+                                              "served without a restart.")
+    top_k: int = Field(default=4, ge=1, le=100, description="Chunks retrieved per question (best first, packed "
+                       "into the context as they fit).")
     score_threshold: float | None = Field(default=None, ge=-1.0, le=1.0, description="Chunks scoring below are not used; with none "
                                           "left the answer says it does not know.")
     default_mode: Literal["auto", "always", "never"] = Field(default="auto", description="Per-request override "
@@ -64,6 +73,8 @@ class RetrievalSpec(ApiModel):
 
 
 class PromptSpec(ApiModel):
+    """The system prompt and the user turn's template."""
+
     system: str | None = Field(default=None, max_length=16384, description="Defaults by mode: rag answers from "
                                "the context only; hybrid writes an executive summary.")
     template: str = Field(default=DEFAULT_TEMPLATE, max_length=16384,
@@ -71,26 +82,36 @@ class PromptSpec(ApiModel):
 
 
 class EngineSpec(ApiModel):
+    """The generation engine: vLLM (LoRA enabled) or transformers + peft."""
+
     model_config = validations(
         cel("self.name != 'vllm' || self.gpuMemoryUtilization > 0.0", "engine.gpuMemoryUtilization must be > 0"),
     )
     name: Literal["auto", "vllm", "transformers"] = Field(default="auto", description="auto prefers vLLM.")
-    max_model_len: int = Field(default=4096, ge=128, le=1048576)
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    quantization: Literal["none", "awq", "gptq", "fp8", "bitsandbytes"] = "none"
-    max_lora_rank: int = Field(default=64, ge=1, le=1024)
+    max_model_len: int = Field(default=4096, ge=128, le=1048576, description="Context length in tokens (prompt "
+                               "and completion); at most the model's own.")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vLLM: share of GPU memory for "
+                                          "weights and KV cache.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=16, description="vLLM: GPUs one replica spans.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(default="auto", description="Weight and "
+                                                                     "activation type; auto follows the model.")
+    quantization: Literal["none", "awq", "gptq", "fp8", "bitsandbytes"] = Field(
+        default="none", description="vLLM: quantised weights (the model must be quantised that way, except fp8 "
+        "and bitsandbytes).")
+    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="vLLM: the largest adapter rank served.")
     max_tokens: int = Field(default=512, ge=1, le=65536, description="Default completion length.")
 
 
 class AutoscalingSpec(ApiModel):
+    """Ray Serve autoscaling of the engine's deployment (RayService runtime)."""
+
     model_config = validations(
         cel("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
     )
-    min_replicas: int = Field(default=1, ge=0, le=100)
-    max_replicas: int = Field(default=1, ge=1, le=100)
-    target_ongoing_requests: int = Field(default=8, ge=1, le=1000)
+    min_replicas: int = Field(default=1, ge=0, le=100, description="Fewest replicas; 0 scales to zero.")
+    max_replicas: int = Field(default=1, ge=1, le=100, description="Most replicas.")
+    target_ongoing_requests: int = Field(default=8, ge=1, le=1000, description="Requests per replica Ray Serve "
+                                         "scales to keep.")
 
 
 class HybridEndpointSpec(ApiModel):
@@ -103,7 +124,8 @@ class HybridEndpointSpec(ApiModel):
         cel("!has(self.autoscaling) || self.replicas >= self.autoscaling.minReplicas",
             "replicas must be >= autoscaling.minReplicas", ".replicas"),
     )
-    mode: Literal["rag", "finetuned", "hybrid"] = "hybrid"
+    mode: Literal["rag", "finetuned", "hybrid"] = Field(default="hybrid", description="rag: retrieve, base model; "
+                                                        "finetuned: the adapter, no retrieval; hybrid: both.")
     model: EndpointModelSpec = Field(default_factory=EndpointModelSpec)
     retrieval: RetrievalSpec | None = None
     prompt: PromptSpec = Field(default_factory=PromptSpec)
@@ -132,8 +154,8 @@ class HybridEndpointSpec(ApiModel):
                              "call between deployments) in the replicas' logs. Off by default: /metrics counts "
                              "requests and their latency by route and status, and on a small CPU pod writing and "
                              "forwarding a line per request costs loaded requests milliseconds each.")
-    port: int = Field(default=8000, ge=1024, le=65535)
-    image: str | None = None
+    port: int = Field(default=8000, ge=1024, le=65535, description="Port of the endpoint's Service and server.")
+    image: str | None = Field(default=None, description="Overrides the operator's serving image.")
 
 
 def resolve_topology(topology: str, runtime: str) -> str:

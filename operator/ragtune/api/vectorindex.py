@@ -15,11 +15,15 @@ DocumentFormat = Literal["txt", "md", "pdf", "html"]
 
 
 class InlineDocument(ApiModel):
+    """A document given in the spec."""
+
     name: str = Field(min_length=1, max_length=253, description="Document path used in sources, e.g. faq.md.")
-    text: str = Field(max_length=1_000_000)
+    text: str = Field(max_length=1_000_000, description="The document's content (markdown, text or HTML).")
 
 
 class SourceSpec(ApiModel):
+    """Where documents come from: one of pvc, configMap, s3 or inline."""
+
     model_config = validations(
         cel("[has(self.pvc), has(self.configMap), has(self.s3), has(self.inline)].filter(x, x).size() == 1",
             "each sources[] entry sets exactly one of pvc, configMap, s3 or inline"),
@@ -27,11 +31,14 @@ class SourceSpec(ApiModel):
     pvc: PvcLocation | None = None
     config_map: str | None = Field(default=None, description="ConfigMap whose keys are documents.")
     s3: S3Location | None = None
-    inline: list[InlineDocument] | None = Field(default=None, max_length=500)
+    inline: list[InlineDocument] | None = Field(default=None, max_length=500, description="Documents given in the "
+                                                "spec.")
     glob: str = Field(default="**/*", description="Which files of a pvc or s3 source to load.")
 
 
 class ChunkingSpec(ApiModel):
+    """How documents are cut into the chunks that are embedded and retrieved."""
+
     model_config = validations(
         cel("self.overlap < self.size", "chunking.overlap must be smaller than chunking.size"),
     )
@@ -43,13 +50,16 @@ class ChunkingSpec(ApiModel):
 
 
 class EmbeddingSpec(ApiModel):
+    """The sentence-transformers model that embeds chunks (and, at the endpoint, queries)."""
+
     model_config = validations(*precision_rules("embedding", "backend", "precision"))
 
-    model: str = Field(default=DEFAULT_EMBEDDING_MODEL, min_length=1, max_length=512)
-    source: Literal["hf", "pvc"] = "hf"
+    model: str = Field(default=DEFAULT_EMBEDDING_MODEL, min_length=1, max_length=512, description="Model id on "
+                       "the hub, or a label for a model loaded from pvc.")
+    source: Literal["hf", "pvc"] = Field(default="hf", description="Where the weights come from.")
     pvc: PvcLocation | None = None
-    batch_size: int = Field(default=64, ge=1, le=4096)
-    normalize: bool = True
+    batch_size: int = Field(default=64, ge=1, le=4096, description="Chunks embedded per batch.")
+    normalize: bool = Field(default=True, description="Unit-length vectors (cosine and inner product agree).")
     backend: Literal["torch", "onnx", "openvino"] = Field(
         default="torch", description="Runtime of the embedding model. onnx and openvino export the same weights "
         "once and run the export in onnxruntime or the OpenVINO runtime (the same vectors to float rounding in "
@@ -67,14 +77,18 @@ class EmbeddingSpec(ApiModel):
 
 
 class StoreSpec(ApiModel):
+    """The Milvus the vectors are written to: embedded milvus-lite on a volume, or a Milvus server."""
+
     model_config = validations(
         cel("self.backend != 'milvus' || has(self.uri)", "store.uri is required when store.backend is milvus: set "
             "it to the server, e.g. http://milvus.milvus:19530"),
         cel("self.backend != 'milvus-lite' || !(self.indexType in ['IVF_PQ', 'DISKANN', 'SCANN'])",
             "store.indexType is not supported by milvus-lite: use FLAT, AUTOINDEX, HNSW, HNSW_SQ, IVF_FLAT or IVF_SQ8"),
     )
-    backend: Literal["milvus-lite", "milvus"] = "milvus-lite"
-    uri: str | None = Field(default=None, pattern=r"^(https?|tcp)://.+$")
+    backend: Literal["milvus-lite", "milvus"] = Field(default="milvus-lite", description="milvus-lite: a database "
+                                                      "file on a volume; milvus: a server at uri.")
+    uri: str | None = Field(default=None, pattern=r"^(https?|tcp)://.+$", description="The Milvus server, e.g. "
+                            "http://milvus.milvus:19530.")
     token_secret: SecretKeyRef | None = Field(default=None, description="Secret key with the Milvus token "
                                               "(user:password or API key).")
     pvc: PvcLocation | None = Field(default=None, description="milvus-lite: the volume holding the database; "
@@ -85,8 +99,8 @@ class StoreSpec(ApiModel):
     collection: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$",
                                    description="Alias readers use; defaults to <namespace>_<name>.")
     index_type: Literal["FLAT", "AUTOINDEX", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN",
-                        "SCANN"] = "AUTOINDEX"
-    metric: Literal["COSINE", "IP", "L2"] = "COSINE"
+                        "SCANN"] = Field(default="AUTOINDEX", description="Milvus index type of each version.")
+    metric: Literal["COSINE", "IP", "L2"] = Field(default="COSINE", description="Similarity of query and chunk.")
     retain_versions: int = Field(default=2, ge=1, le=20, description="Collection versions kept after a rebuild.")
 
 
@@ -97,8 +111,9 @@ class VectorIndexSpec(ApiModel):
             "schedule must be a 5-field cron expression, e.g. '0 3 * * *', or a macro such as @daily or @hourly",
             ".schedule"),
     )
-    sources: list[SourceSpec] = Field(min_length=1, max_length=32)
-    formats: list[DocumentFormat] = Field(default_factory=lambda: ["txt", "md", "pdf", "html"], min_length=1)
+    sources: list[SourceSpec] = Field(min_length=1, max_length=32, description="Where the documents come from.")
+    formats: list[DocumentFormat] = Field(default_factory=lambda: ["txt", "md", "pdf", "html"], min_length=1,
+                                          description="File types loaded; others are skipped.")
     chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
     embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
@@ -107,9 +122,10 @@ class VectorIndexSpec(ApiModel):
     deletion_policy: Literal["Retain", "Delete"] = Field(default="Retain", description="Delete drops the collection "
                                                          "on a Milvus server when the VectorIndex is deleted.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    backoff_limit: int = Field(default=2, ge=0, le=20)
-    active_deadline_seconds: int | None = Field(default=None, ge=60)
-    image: str | None = None
+    backoff_limit: int = Field(default=2, ge=0, le=20, description="Retries of an indexing Job.")
+    active_deadline_seconds: int | None = Field(default=None, ge=60, description="Fails an indexing Job after "
+                                                "this long.")
+    image: str | None = Field(default=None, description="Overrides the operator's indexing image.")
 
 
 class IndexStats(ApiModel):
