@@ -60,6 +60,10 @@ def test_a_promotion_is_progressing_until_the_new_adapter_serves(kube, namespace
     promoted = kube.wait_for(lambda: (lambda o: o if health(luahealth, o)["status"] == "Healthy" else None)(
         kube.get(API, "HybridEndpoint", "chat", namespace)), "the endpoint to be Healthy again", timeout=90)
     assert promoted["status"]["served"]["adapter"] == "ft-v2"
+    # kubectl get -o wide shows what is served
+    header, row = kube.kubectl("get", "hybridendpoint", "chat", "-n", namespace, "-o", "wide").stdout.splitlines()
+    columns = dict(zip(header.split(), row.split()))
+    assert (columns["ADAPTER"], columns["INDEX"]) == ("ft-v2", "v1"), columns
     # and scaled to zero it is Suspended, not missing or broken
     kube.apply(endpoint("chat", adapter="ft-v2", index="docs", replicas=0), namespace)
     kube.wait_for(lambda: health(luahealth, kube.get(API, "HybridEndpoint", "chat", namespace))["status"]

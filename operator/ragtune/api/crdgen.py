@@ -71,6 +71,9 @@ KINDS: list[Kind] = [
         {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
         {"name": "Replicas", "type": "string", "jsonPath": ".status.readyReplicas"},
         {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1},
+        # what a promotion changed, with -o wide: the adapter and index version actually served
+        {"name": "Adapter", "type": "string", "jsonPath": ".status.served.adapter", "priority": 1},
+        {"name": "Index", "type": "string", "jsonPath": ".status.served.indexVersion", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ], scale={"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
               "labelSelectorPath": ".status.selector"}),
