@@ -155,3 +155,19 @@ def test_the_endpoint_scales_through_its_scale_subresource(kube, namespace):
     assert zero["status"]["replicas"] == 0
     assert kube.get("apps/v1", "Deployment", "chat", namespace)["spec"]["replicas"] == 0
     kube.wait_gone("policy/v1", "PodDisruptionBudget", "chat", namespace)  # it would block drains below 2
+
+
+def test_the_endpoint_service_can_be_reached_from_outside_and_brought_back_in(kube, namespace):
+    ready_references(kube, namespace, "ft", "sha256:" + "1" * 64)
+    kube.apply(endpoint("chat", adapter="ft", index="docs", service={"type": "NodePort"}), namespace)
+    wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
+    service = kube.wait_for(lambda: (lambda s: s if s and s["spec"]["type"] == "NodePort" else None)(
+        kube.get("v1", "Service", "chat", namespace)), "a NodePort Service")
+    assert service["spec"]["ports"][0]["nodePort"] > 0  # allocated by the API server
+    assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+
+    kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)  # back to the default, ClusterIP
+    inside = kube.wait_for(lambda: (lambda s: s if s["spec"]["type"] == "ClusterIP" else None)(
+        kube.get("v1", "Service", "chat", namespace)), "the Service to be ClusterIP again")
+    assert "nodePort" not in inside["spec"]["ports"][0]
+    assert inside["metadata"]["uid"] == service["metadata"]["uid"]  # changed in place

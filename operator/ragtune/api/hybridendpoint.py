@@ -114,6 +114,14 @@ class AutoscalingSpec(ApiModel):
                                          "scales to keep.")
 
 
+class ServiceSpec(ApiModel):
+    """The endpoint's Service: how clients reach it."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        default="ClusterIP", description="ClusterIP: inside the cluster (put an Ingress or Gateway in front); "
+        "NodePort or LoadBalancer: outside it.")
+
+
 class HybridEndpointSpec(ApiModel):
     model_config = validations(
         cel("self.mode == 'finetuned' || has(self.retrieval)",
@@ -155,6 +163,7 @@ class HybridEndpointSpec(ApiModel):
                              "requests and their latency by route and status, and on a small CPU pod writing and "
                              "forwarding a line per request costs loaded requests milliseconds each.")
     port: int = Field(default=8000, ge=1024, le=65535, description="Port of the endpoint's Service and server.")
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
     image: str | None = Field(default=None, description="Overrides the operator's serving image.")
 
 

@@ -309,7 +309,8 @@ def service(owner, spec, n, labels, runtime: str) -> dict[str, Any]:
         "metadata": {"name": n["service"], "namespace": owner.namespace, "labels": labels,
                      "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.port),
                                      "prometheus.io/path": "/metrics"}},
-        "spec": {"selector": selector, "ports": [{"name": "http", "port": spec.port, "targetPort": spec.port}]},
+        "spec": {"type": spec.service.type, "selector": selector,
+                 "ports": [{"name": "http", "port": spec.port, "targetPort": spec.port}]},
     }
 
 
