@@ -123,11 +123,17 @@ class Api:
             if exc.status != 409:
                 raise
         existing = self.request("GET", api_version, kind, meta["name"], namespace)
+        stale = dropped_metadata(obj, existing)
+        if stale:
+            # Labels or annotations ragtune set and no longer wants (an endpoint's Service annotation removed from
+            # its spec): apply alone keeps those it created with POST, so they are removed explicitly.
+            self.request("PATCH", api_version, kind, meta["name"], namespace, body={"metadata": stale},
+                         content_type="application/merge-patch+json")
         if is_subset(obj, existing, ignore=("metadata.ownerReferences",)):
-            return "unchanged"
+            return "configured" if stale else "unchanged"
         if kind == "Job":
             # A Job's pod template is immutable; a changed run gets a new Job name instead.
-            return "unchanged"
+            return "configured" if stale else "unchanged"
         self.request("PATCH", api_version, kind, meta["name"], namespace, body=obj,
                      query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
                      content_type="application/apply-patch+yaml")
@@ -177,6 +183,24 @@ class Api:
             self.core.create_namespaced_event(meta["namespace"], body)
         except ApiException as exc:  # an event is information; losing one must not fail a reconcile
             log.warning("event %s for %s not posted: %s", reason, meta["name"], exc.reason)
+
+
+def dropped_metadata(desired: dict[str, Any], actual: dict[str, Any]) -> dict[str, dict[str, None]]:
+    """A merge patch's `metadata` removing the labels and annotations ragtune's field manager set on `actual`
+    (its managedFields say which) that `desired` no longer has; empty when there are none."""
+    wanted = desired.get("metadata") or {}
+    stale: dict[str, dict[str, None]] = {}
+    for entry in (actual.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") != FIELD_MANAGER:
+            continue
+        owned = ((entry.get("fieldsV1") or {}).get("f:metadata") or {})
+        for field in ("labels", "annotations"):
+            present = (actual["metadata"].get(field) or {})
+            for key in owned.get(f"f:{field}") or {}:
+                name = key.removeprefix("f:")
+                if key.startswith("f:") and name in present and name not in (wanted.get(field) or {}):
+                    stale.setdefault(field, {})[name] = None
+    return stale
 
 
 def is_subset(desired: Any, actual: Any, ignore: tuple[str, ...] = (), path: str = "") -> bool:

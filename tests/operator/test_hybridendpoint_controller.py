@@ -159,15 +159,29 @@ def test_the_endpoint_scales_through_its_scale_subresource(kube, namespace):
 
 def test_the_endpoint_service_can_be_reached_from_outside_and_brought_back_in(kube, namespace):
     ready_references(kube, namespace, "ft", "sha256:" + "1" * 64)
-    kube.apply(endpoint("chat", adapter="ft", index="docs", service={"type": "NodePort"}), namespace)
+    outside = {"type": "NodePort", "annotations": {"example.com/internal-load-balancer": "true"}}
+    kube.apply(endpoint("chat", adapter="ft", index="docs", service=outside), namespace)
     wait_ready(kube, "HybridEndpoint", "chat", namespace, timeout=90)
     service = kube.wait_for(lambda: (lambda s: s if s and s["spec"]["type"] == "NodePort" else None)(
         kube.get("v1", "Service", "chat", namespace)), "a NodePort Service")
     assert service["spec"]["ports"][0]["nodePort"] > 0  # allocated by the API server
+    assert service["metadata"]["annotations"]["example.com/internal-load-balancer"] == "true"
     assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 
     kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)  # back to the default, ClusterIP
     inside = kube.wait_for(lambda: (lambda s: s if s["spec"]["type"] == "ClusterIP" else None)(
         kube.get("v1", "Service", "chat", namespace)), "the Service to be ClusterIP again")
     assert "nodePort" not in inside["spec"]["ports"][0]
+    # an annotation taken out of the spec goes too, whatever else is left as it was
+    assert "example.com/internal-load-balancer" not in inside["metadata"]["annotations"]
+    kube.kubectl("annotate", "service", "chat", "-n", namespace, "team.example.com/owner=platform")
+    kube.apply(endpoint("chat", adapter="ft", index="docs", service={"annotations": {"example.com/a": "1"}}),
+               namespace)
+    kube.wait_for(lambda: "example.com/a" in kube.get("v1", "Service", "chat", namespace)["metadata"]["annotations"],
+                  "the new annotation")
+    kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)
+    kube.wait_for(lambda: "example.com/a" not in kube.get("v1", "Service", "chat", namespace)["metadata"][
+        "annotations"], "the annotation to go")
+    kept = kube.get("v1", "Service", "chat", namespace)["metadata"]["annotations"]
+    assert kept["team.example.com/owner"] == "platform" and kept["prometheus.io/scrape"] == "true"  # not ragtune's
     assert inside["metadata"]["uid"] == service["metadata"]["uid"]  # changed in place

@@ -120,6 +120,8 @@ class ServiceSpec(ApiModel):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
         default="ClusterIP", description="ClusterIP: inside the cluster (put an Ingress or Gateway in front); "
         "NodePort or LoadBalancer: outside it.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations on the Service, e.g. a "
+                                        "cloud's internal load balancer.")
 
 
 class HybridEndpointSpec(ApiModel):

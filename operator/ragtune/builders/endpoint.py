@@ -308,7 +308,7 @@ def service(owner, spec, n, labels, runtime: str) -> dict[str, Any]:
         # Prometheus' annotation-based discovery (the chart's endpointsServiceMonitor for the Prometheus Operator)
         "metadata": {"name": n["service"], "namespace": owner.namespace, "labels": labels,
                      "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.port),
-                                     "prometheus.io/path": "/metrics"}},
+                                     "prometheus.io/path": "/metrics", **spec.service.annotations}},
         "spec": {"type": spec.service.type, "selector": selector,
                  "ports": [{"name": "http", "port": spec.port, "targetPort": spec.port}]},
     }
