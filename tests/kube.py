@@ -105,6 +105,20 @@ class Kube:
         self.wait_for(lambda: self.get(api_version, kind, name, namespace) is None,
                       f"{kind}/{name} to be deleted", timeout)
 
+    # ------------------------------------------------------------ other projects' CRDs
+
+    def install_module_crd(self, module: str, path: str, name: str) -> None:
+        """Applies the CRD `name` that the Go module `module` (name@version, from the Go module proxy) ships at
+        `path`, and waits until it is served: another project's own definition, never a copy of it."""
+        result = subprocess.run(["go", "mod", "download", "-json", module], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise AssertionError(f"could not fetch {module} from the Go module proxy: {result.stderr}")
+        self.kubectl("apply", "--server-side", "-f", str(Path(json.loads(result.stdout)["Dir"]) / path))
+        self.wait_condition("apiextensions.k8s.io/v1", "CustomResourceDefinition", name, None, "Established")
+
+    def remove_crd(self, name: str) -> None:
+        self.kubectl("delete", "crd", name, "--wait=true", "--ignore-not-found", timeout=120)
+
     # ------------------------------------------------------------ namespaces
 
     def create_namespace(self, prefix: str = "t") -> str:

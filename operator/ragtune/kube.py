@@ -129,10 +129,8 @@ class Api:
             # its spec): apply alone keeps those it created with POST, so they are removed explicitly.
             self.request("PATCH", api_version, kind, meta["name"], namespace, body={"metadata": stale},
                          content_type="application/merge-patch+json")
-        if is_subset(obj, existing, ignore=("metadata.ownerReferences",)):
-            return "configured" if stale else "unchanged"
-        if kind == "Job":
-            # A Job's pod template is immutable; a changed run gets a new Job name instead.
+        # A Job's pod template is immutable: a changed run gets a new Job name instead.
+        if kind == "Job" or is_subset(obj, existing, ignore=("metadata.ownerReferences",)):
             return "configured" if stale else "unchanged"
         self.request("PATCH", api_version, kind, meta["name"], namespace, body=obj,
                      query=[("fieldManager", FIELD_MANAGER), ("force", "true")],

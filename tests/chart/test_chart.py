@@ -151,19 +151,11 @@ PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.89.
 @pytest.fixture
 def servicemonitor_crd(kube):
     """The Prometheus Operator's own ServiceMonitor CRD, from its module on the Go module proxy."""
-    import json
-
-    result = subprocess.run(["go", "mod", "download", "-json", PROMETHEUS_OPERATOR], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"could not fetch {PROMETHEUS_OPERATOR} from the Go module proxy: {result.stderr}")
-    crd = (Path(json.loads(result.stdout)["Dir"]) / "example" / "prometheus-operator-crd"
-           / "monitoring.coreos.com_servicemonitors.yaml")
-    kube.kubectl("apply", "--server-side", "-f", str(crd))
-    kube.wait_condition("apiextensions.k8s.io/v1", "CustomResourceDefinition", "servicemonitors.monitoring.coreos.com",
-                        None, "Established")
+    kube.install_module_crd(PROMETHEUS_OPERATOR,
+                            "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml",
+                            "servicemonitors.monitoring.coreos.com")
     yield
-    kube.kubectl("delete", "crd", "servicemonitors.monitoring.coreos.com", "--wait=true", "--ignore-not-found",
-                 timeout=120)
+    kube.remove_crd("servicemonitors.monitoring.coreos.com")
 
 
 def test_service_monitors_scrape_the_operator_and_every_endpoint(helm, kube, crds, servicemonitor_crd):

@@ -29,17 +29,8 @@ KEDA = "github.com/kedacore/keda/v2@v2.18.0"
 
 def test_the_keda_example_is_a_valid_scaled_object(kube, crds, namespace):
     """examples/keda/: a ScaledObject on a HybridEndpoint, checked against KEDA's own CRD (from its Go module)."""
-    import json
-    import subprocess
-
-    result = subprocess.run(["go", "mod", "download", "-json", KEDA], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"could not fetch {KEDA} from the Go module proxy: {result.stderr}")
-    crd = Path(json.loads(result.stdout)["Dir"]) / "config" / "crd" / "bases" / "keda.sh_scaledobjects.yaml"
-    kube.kubectl("apply", "--server-side", "-f", str(crd))
+    kube.install_module_crd(KEDA, "config/crd/bases/keda.sh_scaledobjects.yaml", "scaledobjects.keda.sh")
     try:
-        kube.wait_condition("apiextensions.k8s.io/v1", "CustomResourceDefinition", "scaledobjects.keda.sh", None,
-                            "Established")
         example = EXAMPLES[0].parent / "keda" / "hybridendpoint-scaledobject.yaml"
         applied = kube.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(example), check=False)
         assert applied.returncode == 0, applied.stderr
@@ -49,4 +40,4 @@ def test_the_keda_example_is_a_valid_scaled_object(kube, crds, namespace):
         assert (target["apiVersion"], target["kind"]) == ("ragtune.io/v1alpha1", scaled["spec"]["names"]["kind"])
         assert "scale" in scaled["spec"]["versions"][0]["subresources"]
     finally:
-        kube.kubectl("delete", "crd", "scaledobjects.keda.sh", "--ignore-not-found", "--wait=true", timeout=120)
+        kube.remove_crd("scaledobjects.keda.sh")

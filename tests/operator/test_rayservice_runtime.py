@@ -5,9 +5,7 @@ by setting the RayService's Ready condition)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -21,17 +19,11 @@ pytestmark = pytest.mark.usefixtures("ragtune_operator")
 def kuberay_crd(kube):
     install_kuberay_crd(kube)
     yield
-    kube.kubectl("delete", "crd", "rayservices.ray.io", "--wait=true", "--ignore-not-found", timeout=120)
+    kube.remove_crd("rayservices.ray.io")
 
 
 def install_kuberay_crd(kube) -> None:
-    result = subprocess.run(["go", "mod", "download", "-json", KUBERAY], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"could not fetch {KUBERAY} from the Go module proxy: {result.stderr}")
-    crd = Path(json.loads(result.stdout)["Dir"]) / "config" / "crd" / "bases" / "ray.io_rayservices.yaml"
-    kube.kubectl("apply", "--server-side", "-f", str(crd))
-    kube.wait_condition("apiextensions.k8s.io/v1", "CustomResourceDefinition", "rayservices.ray.io", None,
-                        "Established")
+    kube.install_module_crd(KUBERAY, "config/crd/bases/ray.io_rayservices.yaml", "rayservices.ray.io")
 
 
 def mark_rayservice_ready(kube, namespace: str, name: str) -> None:

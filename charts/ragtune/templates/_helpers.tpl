@@ -37,3 +37,14 @@ app.kubernetes.io/component: operator
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* A ServiceMonitor endpoint's path, interval and timeout, from a metrics.*ServiceMonitor value. */}}
+{{- define "ragtune.scrapeSettings" -}}
+path: /metrics
+{{- with .interval }}
+interval: {{ . }}
+{{- end }}
+{{- with .scrapeTimeout }}
+scrapeTimeout: {{ . }}
+{{- end }}
+{{- end -}}
