@@ -49,6 +49,7 @@ DEPLOYED = "Deployed"
 MINIMUM_REPLICAS_UNAVAILABLE = "MinimumReplicasUnavailable"
 SCALED_TO_ZERO = "ScaledToZero"
 INVALID_SPEC = "InvalidSpec"
+OWNERSHIP_CONFLICT = "OwnershipConflict"
 RESULT_MISSING = "ResultMissing"
 AWAITING_RESULT = "AwaitingResult"
 # A pod that waits on something it cannot get by itself (its container's waiting reason, used as the condition's)

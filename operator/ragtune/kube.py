@@ -18,6 +18,7 @@ from . import API_VERSION, GROUP, VERSION
 
 log = logging.getLogger(__name__)
 FIELD_MANAGER = "ragtune-operator"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 
 
 class Api:
@@ -123,10 +124,17 @@ class Api:
             if exc.status != 409:
                 raise
         existing = self.request("GET", api_version, kind, meta["name"], namespace)
-        stale = dropped_metadata(obj, existing)
+        holder = foreign_holder(obj, existing)
+        if holder is not None:
+            raise OwnershipConflict(obj, holder)
+        # Labels or annotations ragtune set and no longer wants (an endpoint's Service annotation removed from its
+        # spec), and a controller reference that changed: apply alone keeps what was set with POST, so they are
+        # replaced explicitly.
+        stale: dict[str, Any] = dropped_metadata(obj, existing)
+        references = owner_references_patch(obj, existing)
+        if references is not None:
+            stale["ownerReferences"] = references
         if stale:
-            # Labels or annotations ragtune set and no longer wants (an endpoint's Service annotation removed from
-            # its spec): apply alone keeps those it created with POST, so they are removed explicitly.
             self.request("PATCH", api_version, kind, meta["name"], namespace, body={"metadata": stale},
                          content_type="application/merge-patch+json")
         # A Job's pod template is immutable: a changed run gets a new Job name instead.
@@ -144,6 +152,23 @@ class Api:
             return True
         except ApiException as exc:
             if exc.status == 404:
+                return False
+            raise
+
+    def delete_controlled(self, api_version: str, kind: str, name: str, namespace: str, owner_uid: str) -> bool:
+        """Deletes the object only while `owner_uid` controls it (an object of the same name that somebody else
+        made is left alone); False when there was none of ragtune's to delete."""
+        existing = self.get(api_version, kind, name, namespace)
+        held = controller_of(existing) if existing else None
+        if held is None or held.get("uid") != owner_uid:
+            return False
+        try:  # the uid precondition: not an object made again under the same name in between
+            self.request("DELETE", api_version, kind, name, namespace,
+                         body={"propagationPolicy": "Background",
+                               "preconditions": {"uid": existing["metadata"]["uid"]}})
+            return True
+        except ApiException as exc:
+            if exc.status in (404, 409):
                 return False
             raise
 
@@ -181,6 +206,62 @@ class Api:
             self.core.create_namespaced_event(meta["namespace"], body)
         except ApiException as exc:  # an event is information; losing one must not fail a reconcile
             log.warning("event %s for %s not posted: %s", reason, meta["name"], exc.reason)
+
+
+class OwnershipConflict(Exception):
+    """An object ragtune would write exists and is somebody else's: ragtune does not take it over."""
+
+    def __init__(self, obj: dict[str, Any], holder: str):
+        meta = obj["metadata"]
+        self.kind, self.name, self.namespace, self.holder = obj["kind"], meta["name"], meta.get("namespace"), holder
+        where = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        super().__init__(f"{self.kind} {where} already exists and {holder}: ragtune does not take over objects it "
+                         f"did not make. Delete or rename that {self.kind}, or give this object another name; "
+                         "tried again every 30 s")
+
+
+def controller_of(obj: dict[str, Any]) -> dict[str, Any] | None:
+    return next((ref for ref in (obj.get("metadata") or {}).get("ownerReferences") or [] if ref.get("controller")),
+                None)
+
+
+def same_controller(desired: dict[str, Any], actual: dict[str, Any]) -> bool:
+    wanted, held = controller_of(desired), controller_of(actual)
+    return (wanted or {}).get("uid") == (held or {}).get("uid")
+
+
+def foreign_holder(desired: dict[str, Any], actual: dict[str, Any]) -> str | None:
+    """Who holds `actual` when it is not ragtune's to write as `desired`; None when it is. Ragtune's own: controlled
+    by the ragtune object `desired` is labelled with (the same uid, or an earlier object of that kind and name,
+    whose children a re-created one takes over), or controlled by nothing and labelled as `desired` is (a volume
+    kept when its index went, the workloads' namespace identity). Anything else is somebody's own: applying would
+    take it over."""
+    labels = (actual.get("metadata") or {}).get("labels") or {}
+    mine = {key: value for key, value in ((desired.get("metadata") or {}).get("labels") or {}).items()
+            if key.startswith(f"{GROUP}/") or key == MANAGED_BY_LABEL}
+    held = controller_of(actual)
+    if held is None:
+        if mine and all(labels.get(key) == value for key, value in mine.items()):
+            return None
+        return "is not ragtune's (it has no owner and lacks the labels " + \
+            ", ".join(f"{key}={value}" for key, value in sorted(mine.items())) + ")"
+    wanted = controller_of(desired)
+    if wanted is not None and held.get("uid") == wanted.get("uid"):
+        return None
+    if held.get("apiVersion", "").startswith(f"{GROUP}/") and \
+            mine.get(f"{GROUP}/{held.get('kind', '').lower()}") == held.get("name"):
+        return None
+    return f"is controlled by {held.get('kind')} {held.get('name')}"
+
+
+def owner_references_patch(desired: dict[str, Any], actual: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The owner references `actual` should have when its controller is not the one `desired` names (a re-created
+    owner's, or none where a changed deletion policy keeps the object); None when it already is. Apply cannot do
+    this: the reference was set when the object was created, and apply removes only what it applied itself."""
+    if same_controller(desired, actual):
+        return None
+    others = [ref for ref in (actual.get("metadata") or {}).get("ownerReferences") or [] if not ref.get("controller")]
+    return others + [ref for ref in (desired.get("metadata") or {}).get("ownerReferences") or [] if ref.get("controller")]
 
 
 def dropped_metadata(desired: dict[str, Any], actual: dict[str, Any]) -> dict[str, dict[str, None]]:

@@ -177,11 +177,11 @@ def reconcile(namespace: str, name: str) -> None:
         shared.ensure_workload_identity(namespace)
         shared.apply_children(owner, builder.build(owner, spec, runtime, adapter, index))
         if not builder.wants_disruption_budget(spec, runtime):
-            shared.api().delete("policy/v1", "PodDisruptionBudget", name, namespace)
+            shared.remove_child(owner, "policy/v1", "PodDisruptionBudget", name)
         if runtime == "rayservice":
-            shared.api().delete("apps/v1", "Deployment", name, namespace)
+            shared.remove_child(owner, "apps/v1", "Deployment", name)
         elif shared.api().crd_installed(RAYSERVICE_CRD):
-            shared.api().delete("ray.io/v1", "RayService", name, namespace)
+            shared.remove_child(owner, "ray.io/v1", "RayService", name)
         DESIRED[key] = {"adapter": adapter.name if adapter else None,
                         "adapterDigest": adapter.digest if adapter else None,
                         "index": index.name if index else None, "indexVersion": index.version if index else None}

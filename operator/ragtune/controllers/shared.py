@@ -18,7 +18,7 @@ from .. import conditions as c
 from .. import statuses
 from ..builders import common
 from . import cache
-from ..kube import Api
+from ..kube import Api, OwnershipConflict
 
 log = logging.getLogger(__name__)
 RECONCILES = Counter("ragtune_reconciles_total", "Reconciliations by kind and result", ["kind", "result"])
@@ -32,6 +32,12 @@ _api_lock = threading.Lock()
 _object_locks: dict[tuple[str, str, str], threading.RLock] = defaultdict(threading.RLock)
 _locks_guard = threading.Lock()
 _workload_rbac_done: set[str] = set()
+# Children known not to exist as their owner's, by (kind, namespace, name): `remove_child` asks the API once.
+_absent: set[tuple[str, str, str]] = set()
+# Owners one of whose children's names somebody else's object holds, by (kind, namespace, name): the message.
+CONFLICTS: dict[tuple[str, str, str], str] = {}
+CONFLICT_RETRY_SECONDS = 30
+PLURALS = {"FineTuneJob": "finetunejobs", "VectorIndex": "vectorindexes", "HybridEndpoint": "hybridendpoints"}
 # Every kind the controllers read or write, resolved once at start.
 CHILD_KINDS = [("v1", "ConfigMap"), ("v1", "Pod"), ("v1", "Secret"), ("v1", "Service"), ("v1", "ServiceAccount"),
                ("v1", "PersistentVolumeClaim"), ("batch/v1", "Job"), ("batch/v1", "CronJob"),
@@ -116,7 +122,10 @@ def workload_identity_changed(name: str, namespace: str, type: str | None, **_: 
 
 
 def apply_children(body: dict[str, Any], children: list[dict[str, Any]]) -> dict[str, str]:
-    """Adopts and applies each child; returns name → created|configured|unchanged."""
+    """Adopts and applies each child; returns name → created|configured|unchanged. A child whose name is taken by
+    somebody else's object is not written: the owner's conditions say which object and what to do, and the
+    reconcile is tried again in 30 s (nothing watches the other object)."""
+    key = (body["kind"], body["metadata"]["namespace"], body["metadata"]["name"])
     outcome = {}
     for child in children:
         if (child["metadata"].get("annotations") or {}).get(RETAIN_ANNOTATION) == "Retain":
@@ -124,8 +133,44 @@ def apply_children(body: dict[str, Any], children: list[dict[str, Any]]) -> dict
             kopf.label(child, {"app.kubernetes.io/managed-by": common.MANAGED_BY})
         else:
             kopf.adopt(child, owner=body)
-        outcome[f"{child['kind']}/{child['metadata']['name']}"] = api().ensure(child)
+        _absent.discard((child["kind"], key[1], child["metadata"]["name"]))
+        try:
+            outcome[f"{child['kind']}/{child['metadata']['name']}"] = api().ensure(child)
+        except OwnershipConflict as conflict:
+            if CONFLICTS.get(key) != str(conflict):
+                CONFLICTS[key] = str(conflict)
+                log.warning("%s %s/%s: %s", *key, conflict)
+                write_status(PLURALS[key[0]], body, {}, [])
+            raise kopf.TemporaryError(str(conflict), delay=CONFLICT_RETRY_SECONDS) from conflict
+    if CONFLICTS.pop(key, None) is not None:
+        log.info("%s %s/%s: the name conflict is over", *key)
     return outcome
+
+
+def remove_child(body: dict[str, Any], api_version: str, kind: str, name: str) -> None:
+    """Deletes a child its owner no longer wants, if the owner controls it (an object of that name that somebody
+    else made stays). Asks the API once; after that the child is known absent until `apply_children` makes it."""
+    namespace = body["metadata"]["namespace"]
+    if (kind, namespace, name) in _absent:
+        return
+    api().delete_controlled(api_version, kind, name, namespace, body["metadata"]["uid"])
+    _absent.add((kind, namespace, name))
+
+
+def conflict_conditions(key: tuple[str, str, str], desired: list[dict[str, Any]],
+                        current: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """`desired` as it stands while a child's name is taken by somebody else's object (`apply_children`): not
+    progressing, for that reason; Ready only if it was Ready before (what it served then still serves), never
+    becoming Ready while a child is missing."""
+    message = CONFLICTS.get(key)
+    if message is None:
+        return desired
+    serving = c.is_true(desired, c.READY) and c.is_true(current, c.READY)
+    replaced = (c.PROGRESSING,) if serving else (c.PROGRESSING, c.READY)
+    added = [c.condition(c.PROGRESSING, False, c.OWNERSHIP_CONFLICT, message)]
+    if not serving:
+        added.insert(0, c.condition(c.READY, False, c.OWNERSHIP_CONFLICT, message))
+    return added + [cond for cond in desired if cond["type"] not in replaced]
 
 
 def status_key(body: dict[str, Any]) -> tuple[str, str, str]:
@@ -149,6 +194,10 @@ def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desi
     uid_key = status_key(body)
     current = known_status(body)
     generation = meta.get("generation")
+    owner_key = (body["kind"], meta["namespace"], meta["name"])
+    desired = conflict_conditions(owner_key, desired, current.get("conditions"))
+    if owner_key in CONFLICTS and not c.is_true(desired, c.READY):
+        fields = {**fields, "phase": "Pending"}
     merged = c.with_kstatus(c.merge_conditions(current.get("conditions"), desired, generation), generation)
     new_status = {**fields, "observedGeneration": generation, "conditions": merged}
     changes = {k: v for k, v in new_status.items() if current.get(k) != v}
@@ -336,6 +385,7 @@ def track_owner(kind: str, body: dict[str, Any], namespace: str, name: str, even
         # The status base is kept by uid, which a deleted object never gets back: without this, every object
         # that ever existed would stay in memory.
         cache.STATUS.forget((kind, namespace, (body.get("metadata") or {}).get("uid") or name))
+        CONFLICTS.pop(key, None)
         return True
     cache.OWNERS.put(key, compact_owner(body))
     return False
@@ -369,6 +419,7 @@ def record_child(kind: str, cache_: cache.ChildCache, compact: Callable, namespa
 WARNING_REASONS = {c.JOB_FAILED, c.BACKOFF_LIMIT_EXCEEDED, c.DEADLINE_EXCEEDED, c.UNSCHEDULABLE,
                    c.BASE_MODEL_MISMATCH, c.ADAPTER_NOT_PROMOTABLE, c.REFERENCE_FAILED, c.REFERENCE_NOT_FOUND,
                    c.EVALUATION_BELOW_THRESHOLD, c.MINIMUM_REPLICAS_UNAVAILABLE, c.RESULT_MISSING, c.INVALID_SPEC,
+                   c.OWNERSHIP_CONFLICT,
                    *statuses.STUCK}
 
 

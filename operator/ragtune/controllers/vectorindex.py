@@ -37,7 +37,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reaso
         shared.ensure_workload_identity(namespace)
         outcome = shared.apply_children(obj, children)
         if not parsed.schedule:
-            shared.api().delete("batch/v1", "CronJob", f"{name}-refresh", namespace)
+            shared.remove_child(obj, "batch/v1", "CronJob", f"{name}-refresh")
         current = builder.names(common.owner_info(obj), parsed)["job"]
         if reason == "resume" or outcome.get(f"Job/{current}") != "created":
             # After a restart the caches are cold (see the FineTuneJob controller): read the Jobs and their pods
