@@ -136,7 +136,7 @@ class Api:
             stale["ownerReferences"] = references
         if stale:
             self.request("PATCH", api_version, kind, meta["name"], namespace, body={"metadata": stale},
-                         content_type="application/merge-patch+json")
+                         query=[("fieldManager", FIELD_MANAGER)], content_type="application/merge-patch+json")
         # A Job's pod template is immutable: a changed run gets a new Job name instead.
         if kind == "Job" or is_subset(obj, existing, ignore=("metadata.ownerReferences",)):
             return "configured" if stale else "unchanged"

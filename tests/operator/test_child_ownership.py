@@ -150,3 +150,44 @@ def test_an_endpoint_named_like_an_existing_service_leaves_that_service_as_it_is
     assert kube.get("v1", "Service", "web", namespace)["metadata"]["ownerReferences"][0]["kind"] == "HybridEndpoint"
     kept = kube.get("policy/v1", "PodDisruptionBudget", "web", namespace)
     assert kept is not None and kept["spec"]["minAvailable"] == 1 and "ownerReferences" not in kept["metadata"]
+
+
+@pytest.mark.usefixtures("ragtune_operator")
+def test_an_endpoints_children_changed_or_deleted_by_hand_are_put_back(kube, namespace):
+    ready_references(kube, namespace, "ft", "sha256:" + "1" * 64)
+    kube.apply(endpoint("chat", adapter="ft", index="docs"), namespace)
+    wait_ready(kube, "HybridEndpoint", "chat", namespace, reason="Deployed", timeout=90)
+    deployment = kube.get("apps/v1", "Deployment", "chat", namespace)
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    service = kube.get("v1", "Service", "chat", namespace)
+
+    kube.kubectl("set", "image", "-n", namespace, "deployment/chat", "serve=example.com/other:1")
+    kube.wait_for(lambda: kube.get("apps/v1", "Deployment", "chat", namespace)["spec"]["template"]["spec"][
+        "containers"][0]["image"] == image, "the Deployment's image to be put back")
+    kube.kubectl("delete", "-n", namespace, "service", "chat")
+    back = kube.wait_for(lambda: kube.get("v1", "Service", "chat", namespace), "the Service to be made again")
+    assert back["metadata"]["uid"] != service["metadata"]["uid"]
+    assert back["spec"]["selector"] == service["spec"]["selector"]
+    config = kube.get("v1", "ConfigMap", "chat-config", namespace)
+    kube.kubectl("patch", "-n", namespace, "configmap", "chat-config", "--type=merge", "-p",
+                 '{"data": {"config.json": "{}"}}')
+    kube.wait_for(lambda: kube.get("v1", "ConfigMap", "chat-config", namespace)["data"] == config["data"],
+                  "the endpoint's config to be put back")
+    assert kube.get("apps/v1", "Deployment", "chat", namespace)["metadata"]["uid"] == deployment["metadata"]["uid"]
+
+
+@pytest.mark.usefixtures("ragtune_operator")
+def test_an_indexs_refresh_schedule_changed_or_deleted_by_hand_is_put_back(kube, namespace):
+    kube.apply(vectorindex("nightly", schedule="0 3 * * *"), namespace)
+    first = kube.wait_for(lambda: kube.get("batch/v1", "CronJob", "nightly-refresh", namespace), "the CronJob")
+    kube.kubectl("patch", "-n", namespace, "cronjob", "nightly-refresh", "--type=merge", "-p",
+                 '{"spec": {"schedule": "* * * * *"}}')
+    kube.wait_for(lambda: kube.get("batch/v1", "CronJob", "nightly-refresh", namespace)["spec"]["schedule"]
+                  == "0 3 * * *", "the schedule to be put back")
+    kube.kubectl("delete", "-n", namespace, "cronjob", "nightly-refresh")
+    again = kube.wait_for(lambda: (lambda cron: cron if cron and cron["metadata"]["uid"] != first["metadata"]["uid"]
+                                   else None)(kube.get("batch/v1", "CronJob", "nightly-refresh", namespace)),
+                          "the CronJob to be made again")
+    assert again["spec"]["schedule"] == "0 3 * * *"
+    jobs = kube.list("batch/v1", "Job", namespace, label_selector="ragtune.io/vectorindex=nightly")
+    assert len(jobs) == 1, "putting the schedule back starts no indexing run"

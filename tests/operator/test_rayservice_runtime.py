@@ -101,6 +101,12 @@ def test_a_deleted_rayservice_is_made_again(kube, namespace, kuberay_crd):
     mark_rayservice_ready(kube, namespace, "chat")
     wait_ready(kube, "HybridEndpoint", "chat", namespace)
 
+    # edited by hand: read back within a resync (15 s once Ready) and put back as the endpoint says
+    kube.kubectl("patch", "rayservice", "chat", "-n", namespace, "--type=merge", "-p",
+                 '{"spec": {"serveConfigV2": "applications: []"}}')
+    kube.wait_for(lambda: kube.get("ray.io/v1", "RayService", "chat", namespace)["spec"]["serveConfigV2"]
+                  == first["spec"]["serveConfigV2"], "the RayService's serve config to be put back", timeout=60)
+
 
 def test_installing_and_removing_kuberay_again_and_again_never_stops_the_operator(kube, ragtune_operator):
     """A watch of RayServices started just as their CRD goes (or before the API server serves a new one) fails

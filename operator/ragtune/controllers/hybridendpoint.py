@@ -261,6 +261,34 @@ def workload_changed(kind: str, body: dict[str, Any], namespace: str, labels: di
 async def deployment_changed(body: kopf.Body, namespace: str, labels: dict[str, str],
                              type: str | None, **_: Any) -> None:
     workload_changed("Deployment", dict(body), namespace, labels, type)
+    child_changed("Deployment", dict(body), namespace, labels, type)
+
+
+def child_changed(kind: str, body: dict[str, Any], namespace: str, labels: dict[str, str],
+                  type: str | None) -> None:
+    """A child deleted or edited by somebody else (a Deployment's image changed by hand, the Service deleted) is
+    put back as the endpoint's spec says: the endpoint is reconciled again."""
+    name = shared.owner_of(labels, KIND)
+    if name and shared.drifted(kind, body, type):
+        shared.request_refresh((KIND, namespace, name), lambda: reconcile(namespace, name), work="reconcile")
+
+
+@kopf.on.event("", "v1", "services", labels={"ragtune.io/hybridendpoint": kopf.PRESENT})
+async def service_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
+                          **_: Any) -> None:
+    child_changed("Service", dict(body), namespace, labels, type)
+
+
+@kopf.on.event("", "v1", "configmaps", labels={"ragtune.io/hybridendpoint": kopf.PRESENT})
+async def config_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
+                         **_: Any) -> None:
+    child_changed("ConfigMap", dict(body), namespace, labels, type)
+
+
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels={"ragtune.io/hybridendpoint": kopf.PRESENT})
+async def budget_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
+                         **_: Any) -> None:
+    child_changed("PodDisruptionBudget", dict(body), namespace, labels, type)
 
 
 # A RayService's state is read back on a cadence (faster while the endpoint is not Ready yet) rather than
@@ -288,6 +316,7 @@ def resync(key: tuple[str, str, str]) -> None:
         cached = next((w for w in cache.JOBS.get(key) if w.get("kind") == "RayService"), None)
         if cached is None or cached["metadata"].get("resourceVersion") != current["metadata"].get("resourceVersion"):
             workload_changed("RayService", current, namespace, labels, "MODIFIED")
+            child_changed("RayService", current, namespace, labels, "MODIFIED")
     elif not current:  # deleted by someone: made again (reconcile), and reported as being created meanwhile
         forget_rayservices(key)
         shared.request_refresh(key, lambda: reconcile(namespace, name), work="reconcile")

@@ -18,7 +18,7 @@ from .. import conditions as c
 from .. import statuses
 from ..builders import common
 from . import cache
-from ..kube import Api, OwnershipConflict
+from ..kube import FIELD_MANAGER, Api, OwnershipConflict
 
 log = logging.getLogger(__name__)
 RECONCILES = Counter("ragtune_reconciles_total", "Reconciliations by kind and result", ["kind", "result"])
@@ -34,6 +34,8 @@ _locks_guard = threading.Lock()
 _workload_rbac_done: set[str] = set()
 # Children known not to exist as their owner's, by (kind, namespace, name): `remove_child` asks the API once.
 _absent: set[tuple[str, str, str]] = set()
+# The generation of each child last seen, by (kind, namespace, name): a changed spec shows as a new one.
+_generations: dict[tuple[str, str, str], int | None] = {}
 # Owners one of whose children's names somebody else's object holds, by (kind, namespace, name): the message.
 CONFLICTS: dict[tuple[str, str, str], str] = {}
 CONFLICT_RETRY_SECONDS = 30
@@ -171,6 +173,34 @@ def conflict_conditions(key: tuple[str, str, str], desired: list[dict[str, Any]]
     if not serving:
         added.insert(0, c.condition(c.READY, False, c.OWNERSHIP_CONFLICT, message))
     return added + [cond for cond in desired if cond["type"] not in replaced]
+
+
+def drifted(kind: str, body: dict[str, Any], event_type: str | None) -> bool:
+    """Whether a child's watch event says somebody else deleted it or changed it: its spec (a new generation,
+    for the kinds that have one) or, for kinds without, the object, where the newest write was not ragtune's own
+    (status updates do not count). The owner's reconcile then puts it back as the owner's spec says."""
+    meta = body.get("metadata") or {}
+    child = (kind, meta.get("namespace"), meta.get("name"))
+    if event_type == "DELETED":
+        _generations.pop(child, None)
+        return True
+    generation = meta.get("generation")
+    previous = _generations.get(child)
+    _generations[child] = generation
+    if event_type != "MODIFIED" or (generation is not None and generation == previous):
+        return False
+    return last_writer(meta) != FIELD_MANAGER
+
+
+def last_writer(meta: dict[str, Any]) -> str | None:
+    """The field manager of the newest write to an object other than to its status (managedFields); on a tie,
+    another manager than ragtune."""
+    entries = [e for e in meta.get("managedFields") or [] if not e.get("subresource")]
+    if not entries:
+        return None
+    newest = max(e.get("time") or "" for e in entries)
+    writers = {e.get("manager") for e in entries if (e.get("time") or "") == newest}
+    return next((w for w in sorted(writers, key=str) if w != FIELD_MANAGER), FIELD_MANAGER)
 
 
 def status_key(body: dict[str, Any]) -> tuple[str, str, str]:

@@ -112,6 +112,37 @@ async def job_changed(body: kopf.Body, namespace: str, labels: dict[str, str], t
     shared.child_event(KIND, cache.JOBS, cache.compact_job, namespace, dict(body), labels, type, refresh)
 
 
+def restore_children(key: tuple[str, str, str]) -> None:
+    """Puts the index's ConfigMap and refresh CronJob back as its spec says, after somebody else deleted or
+    changed them. Its Jobs are runs, not put back; neither is its volume (a new empty one would not hold the
+    data)."""
+    owner = cache.OWNERS.get(key)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return
+    children = builder.build(owner, parse_spec(owner["spec"]))
+    shared.apply_children(owner, [child for child in children if child["kind"] in ("ConfigMap", "CronJob")])
+
+
+def child_changed(kind: str, body: dict[str, Any], namespace: str, labels: dict[str, str],
+                  type: str | None) -> None:
+    name = shared.owner_of(labels, KIND)
+    if name and shared.drifted(kind, body, type):
+        key = (KIND, namespace, name)
+        shared.request_refresh(key, lambda: restore_children(key), work="restore")
+
+
+@kopf.on.event("", "v1", "configmaps", labels={"ragtune.io/vectorindex": kopf.PRESENT})
+async def config_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
+                         **_: Any) -> None:
+    child_changed("ConfigMap", dict(body), namespace, labels, type)
+
+
+@kopf.on.event("batch", "v1", "cronjobs", labels={"ragtune.io/vectorindex": kopf.PRESENT})
+async def cronjob_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
+                          **_: Any) -> None:
+    child_changed("CronJob", dict(body), namespace, labels, type)
+
+
 @kopf.on.event("", "v1", "pods", labels={"ragtune.io/vectorindex": kopf.PRESENT})
 async def pod_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
     shared.child_event(KIND, cache.PODS, cache.compact_pod, namespace, dict(body), labels, type, refresh)
