@@ -216,8 +216,7 @@ class OwnershipConflict(Exception):
         self.kind, self.name, self.namespace, self.holder = obj["kind"], meta["name"], meta.get("namespace"), holder
         where = f"{self.namespace}/{self.name}" if self.namespace else self.name
         super().__init__(f"{self.kind} {where} already exists and {holder}: ragtune does not take over objects it "
-                         f"did not make. Delete or rename that {self.kind}, or give this object another name; "
-                         "tried again every 30 s")
+                         f"did not make. Delete or rename that {self.kind}, or give this object another name")
 
 
 def controller_of(obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -261,7 +260,8 @@ def owner_references_patch(desired: dict[str, Any], actual: dict[str, Any]) -> l
     if same_controller(desired, actual):
         return None
     others = [ref for ref in (actual.get("metadata") or {}).get("ownerReferences") or [] if not ref.get("controller")]
-    return others + [ref for ref in (desired.get("metadata") or {}).get("ownerReferences") or [] if ref.get("controller")]
+    wanted = controller_of(desired)
+    return others + ([wanted] if wanted else [])
 
 
 def dropped_metadata(desired: dict[str, Any], actual: dict[str, Any]) -> dict[str, dict[str, None]]:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ragtune_objects import (API, bound_pvc, endpoint, finetunejob, finish_finetune, finish_index,
-                             ready_references, reconciled, resumable, status, vectorindex, volume_for_claim,
-                             wait_ready)
+from ragtune_objects import (API, adapter_result, bound_pvc, endpoint, finetunejob, finish_finetune, finish_index,
+                             ready_references, reconciled, report_result, resumable, status, vectorindex,
+                             volume_for_claim, wait_ready)
 
 pytestmark = pytest.mark.usefixtures("ragtune_operator")
 
@@ -87,6 +87,26 @@ def test_an_adapter_of_another_base_model_is_refused(kube, namespace):
     message = kube.condition(refused, "Ready")["message"]
     assert "org/other-model" in message and "base/tiny" in message
     assert kube.get("apps/v1", "Deployment", "chat", namespace) is None
+
+
+def test_an_adapter_below_its_evaluation_thresholds_is_served_only_when_asked(kube, namespace):
+    bound_pvc(kube, namespace, "adapters")
+    kube.apply(finetunejob("weak"), namespace)
+    kube.wait_condition("batch/v1", "Job", "weak", namespace, "Complete")
+    report_result(kube, namespace, "weak", adapter_result("weak", "sha256:" + "4" * 64, promotable=False))
+    wait_ready(kube, "FineTuneJob", "weak", namespace)
+    kube.apply(endpoint("chat", adapter="weak", index="docs", mode="finetuned"), namespace)
+    refused = wait_ready(kube, "HybridEndpoint", "chat", namespace, "False", reason="AdapterNotPromotable")
+    message = kube.condition(refused, "Ready")["message"]
+    assert "FineTuneJob weak's adapter missed its evaluation thresholds" in message and "rougeL" in message
+    assert "set model.adapter.requirePromotable=false to serve it anyway" in message
+    assert kube.get("apps/v1", "Deployment", "chat", namespace) is None
+
+    anyway = endpoint("chat", adapter="weak", index="docs", mode="finetuned")
+    anyway["spec"]["model"]["adapter"]["requirePromotable"] = False
+    kube.apply(anyway, namespace)
+    kube.wait_for(lambda: kube.get("apps/v1", "Deployment", "chat", namespace), "the endpoint's Deployment")
+    assert served_config(kube, namespace, "chat")["adapter"]["digest"] == "sha256:" + "4" * 64
 
 
 def test_a_restarted_operator_rolls_nothing(kube, namespace, ragtune_operator):

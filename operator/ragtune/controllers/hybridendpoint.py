@@ -86,8 +86,9 @@ def resolve_adapter(spec: HybridEndpointSpec, namespace: str) -> builder.Resolve
         raise Unresolved(c.WAITING_FOR_FINE_TUNE_JOB, f"waiting for FineTuneJob {ref} to be Ready "
                          f"({status.get('progressText') or status.get('phase') or 'pending'})")
     if adapter.require_promotable and not artifact.get("promotable", True):
+        promotable = c.get(status["conditions"], c.PROMOTABLE)
         raise Unresolved(c.ADAPTER_NOT_PROMOTABLE, f"FineTuneJob {ref}'s adapter missed its evaluation thresholds "
-                         f"({c.get(status['conditions'], c.PROMOTABLE)['message'] if c.get(status['conditions'], c.PROMOTABLE) else ''}); "
+                         f"({promotable['message'] if promotable else ''}); "
                          "set model.adapter.requirePromotable=false to serve it anyway")
     owner = common.owner_info(ftj)
     claim, sub_path = None, ""

@@ -139,11 +139,12 @@ def apply_children(body: dict[str, Any], children: list[dict[str, Any]]) -> dict
         try:
             outcome[f"{child['kind']}/{child['metadata']['name']}"] = api().ensure(child)
         except OwnershipConflict as conflict:
-            if CONFLICTS.get(key) != str(conflict):
-                CONFLICTS[key] = str(conflict)
-                log.warning("%s %s/%s: %s", *key, conflict)
+            message = f"{conflict}; tried again every {CONFLICT_RETRY_SECONDS} s"
+            if CONFLICTS.get(key) != message:
+                CONFLICTS[key] = message
+                log.warning("%s %s/%s: %s", *key, message)
                 write_status(PLURALS[key[0]], body, {}, [])
-            raise kopf.TemporaryError(str(conflict), delay=CONFLICT_RETRY_SECONDS) from conflict
+            raise kopf.TemporaryError(message, delay=CONFLICT_RETRY_SECONDS) from conflict
     if CONFLICTS.pop(key, None) is not None:
         log.info("%s %s/%s: the name conflict is over", *key)
     return outcome
