@@ -109,6 +109,18 @@ def test_an_adapter_below_its_evaluation_thresholds_is_served_only_when_asked(ku
     assert served_config(kube, namespace, "chat")["adapter"]["digest"] == "sha256:" + "4" * 64
 
 
+def test_an_endpoint_referencing_a_failed_fine_tune_says_so_and_why(kube, namespace):
+    bound_pvc(kube, namespace, "adapters")
+    kube.apply(finetunejob("broken", image="kwok.ragtune.io/fail", backoffLimit=0), namespace)
+    kube.apply(endpoint("chat", adapter="broken", index="docs", mode="finetuned"), namespace)
+    refused = wait_ready(kube, "HybridEndpoint", "chat", namespace, "False", reason="ReferenceFailed", timeout=90)
+    message = kube.condition(refused, "Ready")["message"]
+    assert message.startswith("FineTuneJob broken failed: ") and "exit code 1" in message
+    assert kube.condition(refused, "Progressing")["status"] == "False"  # nothing to wait for: kstatus Stalled
+    assert kube.condition(refused, "Stalled")["reason"] == "ReferenceFailed"
+    assert kube.get("apps/v1", "Deployment", "chat", namespace) is None
+
+
 def test_a_restarted_operator_rolls_nothing(kube, namespace, ragtune_operator):
     """An operator restart (an upgrade, a rescheduled pod) resumes every endpoint and renders it again, in a
     process with another string-hash seed: what it applies must be what is there, or every endpoint would roll."""

@@ -124,3 +124,54 @@ def test_an_endpoint_always_states_whether_it_is_progressing():
     for child, wanted in ((None, 1), ({"metadata": {"generation": 1}, "status": {}}, 0)):
         _, conds = statuses.endpoint_workload("Deployment", child, wanted)
         assert {c["type"] for c in conds} == {"Ready", "Available", "Progressing"}
+
+
+def by_type(conds: list[dict]) -> dict[str, tuple[str, str]]:
+    return {cond["type"]: (cond["status"], cond["reason"]) for cond in conds}
+
+
+def test_a_run_past_its_deadline_fails_with_the_jobs_reason_and_an_unknown_reason_is_a_plain_failure():
+    late = job(conditions=[{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                            "message": "Job was active longer than specified deadline"}])
+    fields, conds = statuses.finetune(late, [])
+    assert fields["phase"] == "Failed"
+    assert by_type(conds)["Ready"] == ("False", "DeadlineExceeded") and by_type(conds)["Failed"][1] == \
+        "DeadlineExceeded"
+    evicted = job(conditions=[{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}])
+    assert by_type(statuses.finetune(evicted, [])[1])["Failed"] == ("True", "JobFailed")
+
+
+def test_a_finished_run_says_whether_its_adapter_met_the_evaluation_thresholds():
+    done = job(conditions=[{"type": "Complete", "status": "True"}], completionTime="2026-01-01T00:01:00Z")
+
+    def finished(promotable: bool) -> dict:
+        result = {"uri": "pvc://adapters/a", "digest": "sha256:" + "5" * 64, "promotable": promotable,
+                  "metrics": {"rougeL": 0.21, "evalLoss": 1.5}}
+        conds = statuses.finetune(done, [pod("Succeeded", {"ragtune.io/result": json.dumps(result)})])[1]
+        return next(cond for cond in conds if cond["type"] == "Promotable")
+
+    passed, below = finished(True), finished(False)
+    assert (passed["status"], passed["reason"]) == ("True", "EvaluationPassed")
+    assert (below["status"], below["reason"]) == ("False", "EvaluationBelowThreshold")
+    assert below["message"] == "evalLoss=1.5, rougeL=0.21"
+
+
+def deployment(generation=1, observed=1, replicas=1, ready=1, updated=1, available=True) -> dict:
+    return {"metadata": {"generation": generation},
+            "status": {"observedGeneration": observed, "replicas": replicas, "readyReplicas": ready,
+                       "updatedReplicas": updated,
+                       "conditions": [{"type": "Available", "status": "True" if available else "False"}]}}
+
+
+def test_an_endpoints_deployment_is_reported_as_it_rolls_out_and_when_replicas_are_missing():
+    fields, conds = statuses.endpoint_workload("Deployment", deployment(), 1)
+    assert fields["phase"] == "Ready" and by_type(conds)["Progressing"] == ("False", "Deployed")
+    # a new template not yet observed, or old pods still there: Ready (the old version serves), rolling out
+    for rolling in (deployment(generation=2, observed=1), deployment(replicas=2, ready=1, updated=1)):
+        _, conds = statuses.endpoint_workload("Deployment", rolling, 1)
+        assert by_type(conds)["Ready"] == ("True", "Deployed")
+        assert by_type(conds)["Progressing"] == ("True", "RollingOut")
+    fields, conds = statuses.endpoint_workload("Deployment", deployment(replicas=2, ready=0, available=False), 2)
+    assert fields["phase"] == "Progressing" and fields["readyReplicas"] == 0
+    assert by_type(conds)["Ready"] == ("False", "MinimumReplicasUnavailable")
+    assert next(cond for cond in conds if cond["type"] == "Ready")["message"] == "0/2 replicas ready"
