@@ -100,6 +100,24 @@ def test_a_job_deleted_before_it_finished_is_created_again(kube, namespace, adap
     assert again["metadata"]["ownerReferences"][0]["name"] == "resilient"
 
 
+def test_a_runs_config_deleted_or_edited_while_it_trains_is_put_back(kube, namespace, adapters):
+    kube.apply(finetunejob("steady", resources={"gpu": 3}), namespace)  # unschedulable: it never finishes
+    job = kube.wait_for(lambda: kube.get("batch/v1", "Job", "steady", namespace), "the Job")
+    config = kube.wait_for(lambda: kube.get("v1", "ConfigMap", "steady-config", namespace), "the run's config")
+    kube.kubectl("patch", "-n", namespace, "configmap", "steady-config", "--type=merge", "-p",
+                 '{"data": {"config.json": "{}"}}')
+    kube.wait_for(lambda: kube.get("v1", "ConfigMap", "steady-config", namespace)["data"] == config["data"],
+                  "the config to be put back")
+    kube.kubectl("delete", "-n", namespace, "configmap", "steady-config")
+    again = kube.wait_for(lambda: (lambda cm: cm if cm and cm["metadata"]["uid"] != config["metadata"]["uid"]
+                                   else None)(kube.get("v1", "ConfigMap", "steady-config", namespace)),
+                          "the config to be made again")
+    assert again["data"] == config["data"]
+    assert kube.get("batch/v1", "Job", "steady", namespace)["metadata"]["uid"] == job["metadata"]["uid"]
+    obj = kube.get(API, "FineTuneJob", "steady", namespace)
+    assert kube.condition(obj, "Ready")["reason"] == "Unschedulable"  # what the run shows is unchanged
+
+
 def test_a_finished_run_whose_job_is_gone_is_not_run_again_after_a_restart(kube, namespace, adapters,
                                                                             ragtune_operator):
     kube.apply(finetunejob("done"), namespace)

@@ -96,6 +96,27 @@ def recreate_if_unfinished(key: tuple[str, str, str]) -> None:
     refresh(key)
 
 
+@kopf.on.event("", "v1", "configmaps", labels={"ragtune.io/finetunejob": kopf.PRESENT})
+async def config_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
+                         **_: Any) -> None:
+    """The run's ConfigMap deleted or edited by somebody else while it trains is put back: a retried pod would
+    otherwise wait for it, or train from another config. A finished run's is left as it is."""
+    name = shared.owner_of(labels, KIND)
+    if name and shared.drifted("ConfigMap", dict(body), type):
+        key = (KIND, namespace, name)
+        shared.request_refresh(key, lambda: restore_config(key), work="restore")
+
+
+def restore_config(key: tuple[str, str, str]) -> None:
+    owner = cache.OWNERS.get(key)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return
+    if shared.known_status(owner).get("phase") in FINISHED:
+        return
+    children = builder.build(owner, parse_spec(owner["spec"]))
+    shared.apply_children(owner, [child for child in children if child["kind"] == "ConfigMap"])
+
+
 @kopf.on.event("", "v1", "pods", labels={"ragtune.io/finetunejob": kopf.PRESENT})
 async def pod_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None, **_: Any) -> None:
     shared.child_event(KIND, cache.PODS, cache.compact_pod, namespace, dict(body), labels, type, refresh)
