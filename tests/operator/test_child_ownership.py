@@ -191,3 +191,17 @@ def test_an_indexs_refresh_schedule_changed_or_deleted_by_hand_is_put_back(kube,
     assert again["spec"]["schedule"] == "0 3 * * *"
     jobs = kube.list("batch/v1", "Job", namespace, label_selector="ragtune.io/vectorindex=nightly")
     assert len(jobs) == 1, "putting the schedule back starts no indexing run"
+
+
+@pytest.mark.usefixtures("ragtune_operator")
+def test_a_service_account_of_somebody_elses_under_the_workloads_name_is_reported(kube, namespace):
+    kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "ragtune-workload"}}, namespace)
+    kube.apply(vectorindex("docs"), namespace)
+    ready = kube.wait_for(lambda: conflict(kube, namespace, "docs"), "the conflict on the VectorIndex")
+    assert f"ServiceAccount {namespace}/ragtune-workload already exists and is not ragtune's" in ready["message"]
+    assert not kube.list("batch/v1", "Job", namespace, label_selector="ragtune.io/vectorindex=docs")
+    # made ragtune's on purpose (labelled as ragtune labels its own): used from then on
+    kube.kubectl("label", "-n", namespace, "serviceaccount", "ragtune-workload", "app.kubernetes.io/managed-by=ragtune")
+    kube.wait_for(lambda: kube.list("batch/v1", "Job", namespace, label_selector="ragtune.io/vectorindex=docs"),
+                  "the indexing Job", timeout=90)
+    assert kube.get("rbac.authorization.k8s.io/v1", "RoleBinding", "ragtune-workload", namespace) is not None

@@ -34,7 +34,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reaso
             # Its Job was deleted after it finished (by hand, or by a cleanup policy): the result stands, and
             # creating the Job again would train a second time into the same output.
             return
-        shared.ensure_workload_identity(namespace)
+        shared.ensure_workload_identity(namespace, obj)
         outcome = shared.apply_children(obj, children)
         job_existed = outcome.get(f"Job/{name}") != "created"
         if reason == "resume" or job_existed:

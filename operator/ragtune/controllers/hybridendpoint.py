@@ -175,7 +175,7 @@ def reconcile(namespace: str, name: str) -> None:
         except Unresolved as unresolved:
             refresh(key, unresolved=unresolved)
             return
-        shared.ensure_workload_identity(namespace)
+        shared.ensure_workload_identity(namespace, owner)
         shared.apply_children(owner, builder.build(owner, spec, runtime, adapter, index))
         if not builder.wants_disruption_budget(spec, runtime):
             shared.remove_child(owner, "policy/v1", "PodDisruptionBudget", name)

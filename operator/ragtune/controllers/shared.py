@@ -96,14 +96,19 @@ def instrumented(kind: str, plural: str) -> Callable:
     return wrap
 
 
-def ensure_workload_identity(namespace: str) -> None:
+def ensure_workload_identity(namespace: str, owner: dict[str, Any] | None = None) -> None:
+    """The workloads' ServiceAccount, Role and RoleBinding in `namespace`, made once. With `owner` (the object
+    whose reconcile needs them), a name somebody else's object holds is reported on the owner (`apply_children`)."""
     if namespace in _workload_rbac_done:
         return
     with object_lock("WorkloadIdentity", namespace, ""):  # the first object of a namespace does it; the rest wait
         if namespace in _workload_rbac_done:
             return
         for obj in common.workload_rbac(namespace):
-            api().ensure(obj)
+            if owner is None:
+                api().ensure(obj)
+            else:
+                ensure_for(owner, obj)
         _workload_rbac_done.add(namespace)
 
 
@@ -136,18 +141,25 @@ def apply_children(body: dict[str, Any], children: list[dict[str, Any]]) -> dict
         else:
             kopf.adopt(child, owner=body)
         _absent.discard((child["kind"], key[1], child["metadata"]["name"]))
-        try:
-            outcome[f"{child['kind']}/{child['metadata']['name']}"] = api().ensure(child)
-        except OwnershipConflict as conflict:
-            message = f"{conflict}; tried again every {CONFLICT_RETRY_SECONDS} s"
-            if CONFLICTS.get(key) != message:
-                CONFLICTS[key] = message
-                log.warning("%s %s/%s: %s", *key, message)
-                write_status(PLURALS[key[0]], body, {}, [])
-            raise kopf.TemporaryError(message, delay=CONFLICT_RETRY_SECONDS) from conflict
+        outcome[f"{child['kind']}/{child['metadata']['name']}"] = ensure_for(body, child)
     if CONFLICTS.pop(key, None) is not None:
         log.info("%s %s/%s: the name conflict is over", *key)
     return outcome
+
+
+def ensure_for(owner: dict[str, Any], obj: dict[str, Any]) -> str:
+    """`Api.ensure` for an object `owner`'s reconcile needs; a name somebody else's object holds goes on the owner's
+    conditions (`conflict_conditions`) and ends the reconcile, to be tried again."""
+    try:
+        return api().ensure(obj)
+    except OwnershipConflict as conflict:
+        key = (owner["kind"], owner["metadata"]["namespace"], owner["metadata"]["name"])
+        message = f"{conflict}; tried again every {CONFLICT_RETRY_SECONDS} s"
+        if CONFLICTS.get(key) != message:
+            CONFLICTS[key] = message
+            log.warning("%s %s/%s: %s", *key, message)
+            write_status(PLURALS[key[0]], owner, {}, [])
+        raise kopf.TemporaryError(message, delay=CONFLICT_RETRY_SECONDS) from conflict
 
 
 def remove_child(body: dict[str, Any], api_version: str, kind: str, name: str) -> None:

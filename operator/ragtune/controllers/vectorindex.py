@@ -34,7 +34,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reaso
     key, obj = shared.remember_owner(KIND, body, namespace, name)
     children = builder.build(obj, parsed)
     with shared.object_lock(*key):
-        shared.ensure_workload_identity(namespace)
+        shared.ensure_workload_identity(namespace, obj)
         outcome = shared.apply_children(obj, children)
         if not parsed.schedule:
             shared.remove_child(obj, "batch/v1", "CronJob", f"{name}-refresh")
