@@ -84,10 +84,8 @@ async def job_changed(body: kopf.Body, namespace: str, labels: dict[str, str], t
 def recreate_if_unfinished(key: tuple[str, str, str]) -> None:
     """A Job deleted by hand before it finished is created again (the run resumes from its last checkpoint), so
     the FineTuneJob never waits on a Job that no longer exists."""
-    owner = cache.OWNERS.get(key)
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
-        return
-    if shared.known_status(owner).get("phase") in FINISHED:
+    owner = unfinished(key)
+    if owner is None:
         return
     children = builder.build(owner, parse_spec(owner["spec"]))
     shared.apply_children(owner, children)
@@ -101,17 +99,20 @@ async def config_changed(body: kopf.Body, namespace: str, labels: dict[str, str]
                          **_: Any) -> None:
     """The run's ConfigMap deleted or edited by somebody else while it trains is put back: a retried pod would
     otherwise wait for it, or train from another config. A finished run's is left as it is."""
-    name = shared.owner_of(labels, KIND)
-    if name and shared.drifted("ConfigMap", dict(body), type):
-        key = (KIND, namespace, name)
-        shared.request_refresh(key, lambda: restore_config(key), work="restore")
+    shared.restore_on_drift(KIND, "ConfigMap", dict(body), namespace, labels, type, restore_config)
+
+
+def unfinished(key: tuple[str, str, str]) -> dict[str, Any] | None:
+    """The FineTuneJob if it exists, is not being deleted and has not finished."""
+    owner = cache.OWNERS.get(key)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return None
+    return None if shared.known_status(owner).get("phase") in FINISHED else owner
 
 
 def restore_config(key: tuple[str, str, str]) -> None:
-    owner = cache.OWNERS.get(key)
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
-        return
-    if shared.known_status(owner).get("phase") in FINISHED:
+    owner = unfinished(key)
+    if owner is None:
         return
     children = builder.build(owner, parse_spec(owner["spec"]))
     shared.apply_children(owner, [child for child in children if child["kind"] == "ConfigMap"])

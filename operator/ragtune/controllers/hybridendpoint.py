@@ -269,9 +269,8 @@ def child_changed(kind: str, body: dict[str, Any], namespace: str, labels: dict[
                   type: str | None) -> None:
     """A child deleted or edited by somebody else (a Deployment's image changed by hand, the Service deleted) is
     put back as the endpoint's spec says: the endpoint is reconciled again."""
-    name = shared.owner_of(labels, KIND)
-    if name and shared.drifted(kind, body, type):
-        shared.request_refresh((KIND, namespace, name), lambda: reconcile(namespace, name), work="reconcile")
+    shared.restore_on_drift(KIND, kind, body, namespace, labels, type, lambda key: reconcile(key[1], key[2]),
+                            work="reconcile")
 
 
 @kopf.on.event("", "v1", "services", labels={"ragtune.io/hybridendpoint": kopf.PRESENT})

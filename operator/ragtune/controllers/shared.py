@@ -205,6 +205,16 @@ def drifted(kind: str, body: dict[str, Any], event_type: str | None) -> bool:
     return last_writer(meta) != FIELD_MANAGER
 
 
+def restore_on_drift(owner_kind: str, child_kind: str, body: dict[str, Any], namespace: str,
+                     labels: dict[str, str], event_type: str | None, restore: Callable[[tuple[str, str, str]], None],
+                     work: str = "restore") -> None:
+    """Schedules `restore(owner's key)` when a child's watch event says somebody else deleted or changed it."""
+    name = owner_of(labels, owner_kind)
+    if name and drifted(child_kind, body, event_type):
+        key = (owner_kind, namespace, name)
+        request_refresh(key, lambda: restore(key), work=work)
+
+
 def last_writer(meta: dict[str, Any]) -> str | None:
     """The field manager of the newest write to an object other than to its status (managedFields); on a tie,
     another manager than ragtune."""

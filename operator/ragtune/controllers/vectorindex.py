@@ -123,24 +123,16 @@ def restore_children(key: tuple[str, str, str]) -> None:
     shared.apply_children(owner, [child for child in children if child["kind"] in ("ConfigMap", "CronJob")])
 
 
-def child_changed(kind: str, body: dict[str, Any], namespace: str, labels: dict[str, str],
-                  type: str | None) -> None:
-    name = shared.owner_of(labels, KIND)
-    if name and shared.drifted(kind, body, type):
-        key = (KIND, namespace, name)
-        shared.request_refresh(key, lambda: restore_children(key), work="restore")
-
-
 @kopf.on.event("", "v1", "configmaps", labels={"ragtune.io/vectorindex": kopf.PRESENT})
 async def config_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
                          **_: Any) -> None:
-    child_changed("ConfigMap", dict(body), namespace, labels, type)
+    shared.restore_on_drift(KIND, "ConfigMap", dict(body), namespace, labels, type, restore_children)
 
 
 @kopf.on.event("batch", "v1", "cronjobs", labels={"ragtune.io/vectorindex": kopf.PRESENT})
 async def cronjob_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
                           **_: Any) -> None:
-    child_changed("CronJob", dict(body), namespace, labels, type)
+    shared.restore_on_drift(KIND, "CronJob", dict(body), namespace, labels, type, restore_children)
 
 
 @kopf.on.event("", "v1", "pods", labels={"ragtune.io/vectorindex": kopf.PRESENT})
