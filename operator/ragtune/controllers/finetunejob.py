@@ -95,8 +95,8 @@ def recreate_if_unfinished(key: tuple[str, str, str]) -> None:
 
 
 @kopf.on.event("", "v1", "configmaps", labels={"ragtune.io/finetunejob": kopf.PRESENT})
-async def config_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
-                         **_: Any) -> None:
+async def run_config_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
+                             **_: Any) -> None:
     """The run's ConfigMap deleted or edited by somebody else while it trains is put back: a retried pod would
     otherwise wait for it, or train from another config. A finished run's is left as it is."""
     shared.restore_on_drift(KIND, "ConfigMap", dict(body), namespace, labels, type, restore_config)

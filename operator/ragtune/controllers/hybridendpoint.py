@@ -280,8 +280,8 @@ async def service_changed(body: kopf.Body, namespace: str, labels: dict[str, str
 
 
 @kopf.on.event("", "v1", "configmaps", labels={"ragtune.io/hybridendpoint": kopf.PRESENT})
-async def config_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
-                         **_: Any) -> None:
+async def endpoint_config_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
+                                  **_: Any) -> None:
     child_changed("ConfigMap", dict(body), namespace, labels, type)
 
 

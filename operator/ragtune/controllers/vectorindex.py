@@ -124,8 +124,8 @@ def restore_children(key: tuple[str, str, str]) -> None:
 
 
 @kopf.on.event("", "v1", "configmaps", labels={"ragtune.io/vectorindex": kopf.PRESENT})
-async def config_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
-                         **_: Any) -> None:
+async def index_config_changed(body: kopf.Body, namespace: str, labels: dict[str, str], type: str | None,
+                               **_: Any) -> None:
     shared.restore_on_drift(KIND, "ConfigMap", dict(body), namespace, labels, type, restore_children)
 
 
