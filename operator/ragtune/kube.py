@@ -172,9 +172,7 @@ class Api:
                 return False
             raise
 
-    def patch_status(self, plural: str, name: str, namespace: str, status: dict[str, Any]) -> dict | None:
-        kind = {"finetunejobs": "FineTuneJob", "vectorindexes": "VectorIndex",
-                "hybridendpoints": "HybridEndpoint"}[plural]
+    def patch_status(self, kind: str, name: str, namespace: str, status: dict[str, Any]) -> dict | None:
         path = self.resource(API_VERSION, kind).path(name=name, namespace=namespace) + "/status"
         try:
             request = self.api_client.param_serialize(

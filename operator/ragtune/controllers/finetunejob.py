@@ -23,7 +23,7 @@ def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
-@shared.instrumented(KIND, PLURAL)
+@shared.instrumented(KIND)
 def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reason: str, **_: Any) -> None:
     parsed = parse_spec(spec)
     key, obj = shared.remember_owner(KIND, body, namespace, name)
@@ -66,7 +66,7 @@ def refresh(key: tuple[str, str, str]) -> None:
     shared.recheck_if_awaiting_result(key, conds, refresh)
     fields["progressText"] = fields.get("progressText") or {"Pending": "pending", "Running": "starting",
                                                             "Failed": "failed"}.get(fields["phase"], "")
-    shared.write_status(PLURAL, owner, fields, conds)
+    shared.write_status(owner, fields, conds)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -154,7 +154,7 @@ def runtime_for(spec: HybridEndpointSpec, status: dict[str, Any]) -> str:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-@shared.instrumented(KIND, PLURAL)
+@shared.instrumented(KIND)
 def reconcile_handler(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     cache.OWNERS.put((KIND, namespace, name), shared.compact_owner(dict(body)))
     reconcile(namespace, name)
@@ -237,7 +237,7 @@ def refresh(key: tuple[str, str, str], unresolved: Unresolved | None = None) -> 
             served = {k: v for k, v in desired.items() if v is not None}
     if served:
         fields["served"] = served
-    shared.write_status(PLURAL, owner, fields, conds)
+    shared.write_status(owner, fields, conds)
     if runtime == "rayservice" and key in DESIRED:
         schedule_resync(key, c.is_true(conds, c.READY))
 

@@ -39,7 +39,6 @@ _generations: dict[tuple[str, str, str], int | None] = {}
 # Owners one of whose children's names somebody else's object holds, by (kind, namespace, name): the message.
 CONFLICTS: dict[tuple[str, str, str], str] = {}
 CONFLICT_RETRY_SECONDS = 30
-PLURALS = {"FineTuneJob": "finetunejobs", "VectorIndex": "vectorindexes", "HybridEndpoint": "hybridendpoints"}
 # Every kind the controllers read or write, resolved once at start.
 CHILD_KINDS = [("v1", "ConfigMap"), ("v1", "Pod"), ("v1", "Secret"), ("v1", "Service"), ("v1", "ServiceAccount"),
                ("v1", "PersistentVolumeClaim"), ("batch/v1", "Job"), ("batch/v1", "CronJob"),
@@ -70,7 +69,7 @@ def object_lock(kind: str, namespace: str, name: str) -> threading.RLock:
         return _object_locks[(kind, namespace, name)]
 
 
-def instrumented(kind: str, plural: str) -> Callable:
+def instrumented(kind: str) -> Callable:
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args, **kwargs):
@@ -79,7 +78,7 @@ def instrumented(kind: str, plural: str) -> Callable:
                 result = fn(*args, **kwargs)
             except InvalidSpec as exc:  # the object says why, not only the operator's log
                 RECONCILES.labels(kind, "error").inc()
-                report_invalid_spec(kind, plural, dict(kwargs["body"]), exc)
+                report_invalid_spec(kind, dict(kwargs["body"]), exc)
                 raise
             except kopf.TemporaryError:
                 RECONCILES.labels(kind, "retry").inc()
@@ -158,7 +157,7 @@ def ensure_for(owner: dict[str, Any], obj: dict[str, Any]) -> str:
         if CONFLICTS.get(key) != message:
             CONFLICTS[key] = message
             log.warning("%s %s/%s: %s", *key, message)
-            write_status(PLURALS[key[0]], owner, {}, [])
+            write_status(owner, {}, [])
         raise kopf.TemporaryError(message, delay=CONFLICT_RETRY_SECONDS) from conflict
 
 
@@ -238,7 +237,7 @@ def known_status(body: dict[str, Any]) -> dict[str, Any]:
     return known[1] if known else (body.get("status") or {})
 
 
-def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desired: list[dict],
+def write_status(body: dict[str, Any], fields: dict[str, Any], desired: list[dict],
                  events: bool = True) -> dict[str, Any]:
     """Writes status fields and conditions only when something changed; stamps observedGeneration and posts an
     event for every condition transition. The base is the status ragtune last wrote for this object (uid), else
@@ -256,7 +255,7 @@ def write_status(plural: str, body: dict[str, Any], fields: dict[str, Any], desi
     changes = {k: v for k, v in new_status.items() if current.get(k) != v}
     if not changes:
         return current
-    if api().patch_status(plural, meta["name"], meta["namespace"], replacing(current, changes)) is None:
+    if api().patch_status(body["kind"], meta["name"], meta["namespace"], replacing(current, changes)) is None:
         return current  # the object is gone
     cache.STATUS.put(uid_key, generation or 0, {**current, **changes})
     if events:
@@ -399,7 +398,7 @@ def parse_spec(model: type[Any], spec: dict[str, Any]) -> Any:
                           "the installed CRDs are older than the operator: apply this release's crds/") from exc
 
 
-def report_invalid_spec(kind: str, plural: str, body: dict[str, Any], exc: InvalidSpec) -> None:
+def report_invalid_spec(kind: str, body: dict[str, Any], exc: InvalidSpec) -> None:
     """Reason InvalidSpec with the fields to fix on the object's conditions. What an index or an endpoint already
     serves stays served (the last valid spec's workload is left as it is), and Ready says so."""
     message = str(exc)
@@ -414,7 +413,7 @@ def report_invalid_spec(kind: str, plural: str, body: dict[str, Any], exc: Inval
         conds.append(c.condition(c.FAILED, True, c.INVALID_SPEC, message))
         fields["progressText"] = "invalid spec"
     try:
-        write_status(plural, body, fields, conds)
+        write_status(body, fields, conds)
     except Exception:  # the log still has it
         log.exception("could not report the invalid spec of %s %s/%s", kind, body["metadata"].get("namespace"),
                       body["metadata"].get("name"))

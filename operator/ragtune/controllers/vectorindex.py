@@ -28,7 +28,7 @@ def parse_spec(spec: dict[str, Any]) -> VectorIndexSpec:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-@shared.instrumented(KIND, PLURAL)
+@shared.instrumented(KIND)
 def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reason: str, **_: Any) -> None:
     parsed = parse_spec(spec)
     key, obj = shared.remember_owner(KIND, body, namespace, name)
@@ -88,7 +88,7 @@ def refresh(key: tuple[str, str, str]) -> None:
                                                             "Failed": "failed"}.get(fields["phase"], "")
     if spec.schedule:
         fields["nextRunTime"] = next_run(spec.schedule, spec.suspend)
-    shared.write_status(PLURAL, owner, fields, conds)
+    shared.write_status(owner, fields, conds)
 
 
 def next_run(schedule: str, suspended: bool) -> str | None:
