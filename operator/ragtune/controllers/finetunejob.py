@@ -54,8 +54,8 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, reaso
 
 def refresh(key: tuple[str, str, str]) -> None:
     """Recomputes status from the cached Job and pods."""
-    owner = cache.OWNERS.get(key)
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
+    owner = shared.live_owner(key)
+    if owner is None:
         return
     jobs = [j for j in cache.JOBS.get(key) if j["metadata"]["name"] == key[2]]
     job = jobs[0] if jobs else None
@@ -104,10 +104,8 @@ async def run_config_changed(body: kopf.Body, namespace: str, labels: dict[str, 
 
 def unfinished(key: tuple[str, str, str]) -> dict[str, Any] | None:
     """The FineTuneJob if it exists, is not being deleted and has not finished."""
-    owner = cache.OWNERS.get(key)
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
-        return None
-    return None if shared.known_status(owner).get("phase") in FINISHED else owner
+    owner = shared.live_owner(key)
+    return None if owner is None or shared.known_status(owner).get("phase") in FINISHED else owner
 
 
 def restore_config(key: tuple[str, str, str]) -> None:

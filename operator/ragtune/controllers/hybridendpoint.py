@@ -197,8 +197,8 @@ UNRESOLVED: dict[tuple[str, str, str], Unresolved] = {}
 
 
 def refresh(key: tuple[str, str, str], unresolved: Unresolved | None = None) -> None:
-    owner = cache.OWNERS.get(key)
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
+    owner = shared.live_owner(key)
+    if owner is None:
         return
     if unresolved is not None:
         UNRESOLVED[key] = unresolved
@@ -304,8 +304,8 @@ def schedule_resync(key: tuple[str, str, str], ready: bool) -> None:
 
 
 def resync(key: tuple[str, str, str]) -> None:
-    owner = cache.OWNERS.get(key)
-    if owner is None or owner["metadata"].get("deletionTimestamp") or key not in DESIRED:
+    owner = shared.live_owner(key)
+    if owner is None or key not in DESIRED:
         return
     if runtime_for(parse_spec(owner["spec"]), shared.known_status(owner)) != "rayservice":
         return

@@ -419,6 +419,12 @@ def report_invalid_spec(kind: str, body: dict[str, Any], exc: InvalidSpec) -> No
                       body["metadata"].get("name"))
 
 
+def live_owner(key: tuple[str, str, str]) -> dict[str, Any] | None:
+    """The cached owner, unless it is gone or being deleted (nothing is to be written for it then)."""
+    owner = cache.OWNERS.get(key)
+    return None if owner is None or owner["metadata"].get("deletionTimestamp") else owner
+
+
 def remember_owner(kind: str, body: kopf.Body, namespace: str, name: str) -> tuple[tuple[str, str, str], dict]:
     """The handler's object, compacted and cached for the refreshes its children's events trigger."""
     key = (kind, namespace, name)

@@ -74,8 +74,8 @@ def latest_job(key: tuple[str, str, str], spec: VectorIndexSpec, owner: dict[str
 
 
 def refresh(key: tuple[str, str, str]) -> None:
-    owner = cache.OWNERS.get(key)
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
+    owner = shared.live_owner(key)
+    if owner is None:
         return
     spec = parse_spec(owner["spec"])
     job = latest_job(key, spec, owner)
@@ -116,8 +116,8 @@ def restore_children(key: tuple[str, str, str]) -> None:
     """Puts the index's ConfigMap and refresh CronJob back as its spec says, after somebody else deleted or
     changed them. Its Jobs are runs, not put back; neither is its volume (a new empty one would not hold the
     data)."""
-    owner = cache.OWNERS.get(key)
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
+    owner = shared.live_owner(key)
+    if owner is None:
         return
     children = builder.build(owner, parse_spec(owner["spec"]))
     shared.apply_children(owner, [child for child in children if child["kind"] in ("ConfigMap", "CronJob")])
