@@ -3,6 +3,7 @@ choice. No Ray, no network; the tokenizer is the tiny model's real one."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -576,6 +577,35 @@ def test_vllm_spawns_its_engine_core_when_cuda_is_already_in_use():
     assert engines.vllm_process_env(gpu, cuda_in_use=False) == {}
     cpu = engines.vllm_process_env(engines.EngineSettings(model="m", gpus=0), cuda_in_use=False)
     assert cpu["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and "VLLM_WORKER_MULTIPROC_METHOD" not in cpu
+
+
+def test_vllm_on_a_cpu_runs_auto_in_the_models_type_and_bfloat16_only_where_the_cpu_has_it(tmp_path):
+    """vLLM's own auto runs every model in bfloat16 on x86, emulated (twice float32's time) on CPUs without
+    AVX-512 BF16 or AMX; and the API says auto follows the model."""
+    from ragtune_workloads.cpu import cpu_has_bf16
+
+    assert engines.vllm_cpu_dtype("float32", has_bf16=True) == "float32"
+    assert engines.vllm_cpu_dtype("bfloat16", has_bf16=True) == "bfloat16"
+    assert engines.vllm_cpu_dtype("float16", has_bf16=False) == "float32"
+    assert engines.vllm_cpu_dtype(None, has_bf16=False) == "float32"
+    assert not cpu_has_bf16(frozenset({"avx2", "fma", "avx512f"}))
+    assert cpu_has_bf16(frozenset({"avx2", "avx512_bf16"})) and cpu_has_bf16(frozenset({"amx_bf16"}))
+
+    import serve_fixtures as fx
+
+    tiny = str(fx.tiny_model_path())  # stored in float32
+    assert engines.stored_dtype(tiny) == "float32"
+    assert engines.vllm_engine_args(engines.EngineSettings(model=tiny))["dtype"] == "float32"
+    half = tmp_path / "half"
+    half.mkdir()
+    config = json.loads((Path(tiny) / "config.json").read_text())
+    (half / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert engines.stored_dtype(str(half)) == "bfloat16"
+    assert engines.vllm_engine_args(engines.EngineSettings(model=str(half)))["dtype"] == (
+        "bfloat16" if cpu_has_bf16() else "float32")
+    assert engines.vllm_engine_args(engines.EngineSettings(model=str(half), dtype="float16"))["dtype"] == "float16"
+    assert engines.vllm_engine_args(engines.EngineSettings(model=str(half), gpus=1))["dtype"] == "auto"
+    assert engines.stored_dtype(str(tmp_path / "missing")) is None
 
 
 def test_vllm_sockets_get_a_directory_of_their_own_only_where_their_paths_fit(tmp_path):

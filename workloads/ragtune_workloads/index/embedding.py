@@ -39,6 +39,8 @@ import numpy as np
 
 from ragtune.api.base import EMBEDDING_PRECISIONS
 
+from ragtune_workloads.cpu import cpu_has_bf16
+
 log = logging.getLogger(__name__)
 
 # Special tokens ([CLS] … [SEP]) take room in the model's window that chunk text cannot use.
@@ -429,14 +431,6 @@ def direct_run(model) -> DirectRun | None:
     runner, input_names = exported
     return DirectRun(runner, input_names, pooling, bool(getattr(modules[0], "do_lower_case", False)),
                      int(modules[0].max_seq_length), "Normalize" in names)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # cannot tell: do not warn
-    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def single_text_tokenizer(tokenizer: Any, max_length: int) -> Any | None:
