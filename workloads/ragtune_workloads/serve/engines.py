@@ -311,7 +311,10 @@ def vllm_cpu_dtype(stored: str | None, has_bf16: bool) -> str:
 def vllm_engine_args(settings: EngineSettings) -> dict[str, Any]:
     dtype = settings.dtype
     if dtype == "auto" and not settings.gpus:
-        dtype = vllm_cpu_dtype(stored_dtype(settings.model), cpu_has_bf16())
+        stored, native_bf16 = stored_dtype(settings.model), cpu_has_bf16()
+        dtype = vllm_cpu_dtype(stored, native_bf16)
+        log.info("vLLM runs %s in %s on this CPU (dtype auto: weights stored in %s, native bfloat16: %s)",
+                 settings.model, dtype, stored or "an unknown type", "yes" if native_bf16 else "no")
     args: dict[str, Any] = {
         "model": settings.model, "max_model_len": settings.max_model_len, "dtype": dtype,
         "tensor_parallel_size": settings.tensor_parallel_size, "enable_prefix_caching": True,
