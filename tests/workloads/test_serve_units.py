@@ -579,15 +579,15 @@ def test_vllm_spawns_its_engine_core_when_cuda_is_already_in_use():
     assert cpu["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and "VLLM_WORKER_MULTIPROC_METHOD" not in cpu
 
 
-def test_vllm_on_a_cpu_runs_auto_in_the_models_type_and_bfloat16_only_where_the_cpu_has_it(tmp_path):
+def test_engines_on_a_cpu_run_auto_in_the_models_type_and_bfloat16_only_where_the_cpu_has_it(tmp_path):
     """vLLM's own auto runs every model in bfloat16 on x86, emulated (twice float32's time) on CPUs without
-    AVX-512 BF16 or AMX; and the API says auto follows the model."""
+    AVX-512 BF16 or AMX; and the API says auto follows the model. The transformers engine resolves it alike."""
     from ragtune_workloads.cpu import cpu_has_bf16
 
-    assert engines.vllm_cpu_dtype("float32", has_bf16=True) == "float32"
-    assert engines.vllm_cpu_dtype("bfloat16", has_bf16=True) == "bfloat16"
-    assert engines.vllm_cpu_dtype("float16", has_bf16=False) == "float32"
-    assert engines.vllm_cpu_dtype(None, has_bf16=False) == "float32"
+    assert engines.cpu_dtype("float32", has_bf16=True) == "float32"
+    assert engines.cpu_dtype("bfloat16", has_bf16=True) == "bfloat16"
+    assert engines.cpu_dtype("float16", has_bf16=False) == "float32"
+    assert engines.cpu_dtype(None, has_bf16=False) == "float32"
     assert not cpu_has_bf16(frozenset({"avx2", "fma", "avx512f"}))
     assert cpu_has_bf16(frozenset({"avx2", "avx512_bf16"})) and cpu_has_bf16(frozenset({"amx_bf16"}))
 
@@ -596,11 +596,16 @@ def test_vllm_on_a_cpu_runs_auto_in_the_models_type_and_bfloat16_only_where_the_
     tiny = str(fx.tiny_model_path())  # stored in float32
     assert engines.stored_dtype(tiny) == "float32"
     assert engines.vllm_engine_args(engines.EngineSettings(model=tiny))["dtype"] == "float32"
-    half = tmp_path / "half"
-    half.mkdir()
-    config = json.loads((Path(tiny) / "config.json").read_text())
-    (half / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    half = tmp_path / "half"  # the same model stored in bfloat16
+    AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(half)
     assert engines.stored_dtype(str(half)) == "bfloat16"
+    native = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    assert engines.TransformersEngine(engines.EngineSettings(model=str(half))).model.dtype == native
+    assert engines.TransformersEngine(engines.EngineSettings(model=tiny)).model.dtype == torch.float32
     assert engines.vllm_engine_args(engines.EngineSettings(model=str(half)))["dtype"] == (
         "bfloat16" if cpu_has_bf16() else "float32")
     assert engines.vllm_engine_args(engines.EngineSettings(model=str(half), dtype="float16"))["dtype"] == "float16"

@@ -93,8 +93,9 @@ class EngineSpec(ApiModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vLLM: share of GPU memory for "
                                           "weights and KV cache.")
     tensor_parallel_size: int = Field(default=1, ge=1, le=16, description="vLLM: GPUs one replica spans.")
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(default="auto", description="Weight and "
-                                                                     "activation type; auto follows the model.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        default="auto", description="Weight and activation type; auto follows the model (on a CPU, half-precision "
+        "weights run in bfloat16 where the CPU computes it natively, float32 otherwise).")
     quantization: Literal["none", "awq", "gptq", "fp8", "bitsandbytes"] = Field(
         default="none", description="vLLM: quantised weights (the model must be quantised that way, except fp8 "
         "and bitsandbytes).")

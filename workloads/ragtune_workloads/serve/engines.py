@@ -146,8 +146,11 @@ class TransformersEngine(Engine):
 
         self.settings = settings
         self.device = "cuda" if settings.gpus and torch.cuda.is_available() else "cpu"
-        dtype = {"auto": torch.float32 if self.device == "cpu" else "auto", "float32": torch.float32,
-                 "float16": torch.float16, "bfloat16": torch.bfloat16}[settings.dtype]
+        dtype_name = settings.dtype
+        if dtype_name == "auto" and self.device == "cpu":  # as vLLM runs it on a CPU
+            dtype_name = cpu_dtype(stored_dtype(settings.model), cpu_has_bf16())
+        dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}[dtype_name]
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
             model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
@@ -297,11 +300,10 @@ def stored_dtype(model: str) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype else None
 
 
-def vllm_cpu_dtype(stored: str | None, has_bf16: bool) -> str:
-    """vLLM's dtype on a CPU for `dtype: auto`. vLLM's own auto runs every model in bfloat16 on x86, which follows
-    neither the model nor the CPU: a float32 model stays float32 (as the API says auto does, and as the
-    transformers engine runs it), and half-precision weights run in bfloat16 only where the CPU computes it
-    natively. Emulated, bfloat16 took twice float32's time on an AVX2 CPU (a 1,400-token prompt and 32 tokens:
+def cpu_dtype(stored: str | None, has_bf16: bool) -> str:
+    """Both engines' dtype on a CPU for `dtype: auto`. vLLM's own auto runs every model in bfloat16 on x86, which
+    follows neither the model nor the CPU: a float32 model stays float32 (as the API says auto does), and
+    half-precision weights run in bfloat16 only where the CPU computes it natively. Emulated, bfloat16 took twice float32's time on an AVX2 CPU (a 1,400-token prompt and 32 tokens:
     410-550 against 200-320 ms)."""
     if stored == "float32":
         return "float32"
@@ -312,7 +314,7 @@ def vllm_engine_args(settings: EngineSettings) -> dict[str, Any]:
     dtype = settings.dtype
     if dtype == "auto" and not settings.gpus:
         stored, native_bf16 = stored_dtype(settings.model), cpu_has_bf16()
-        dtype = vllm_cpu_dtype(stored, native_bf16)
+        dtype = cpu_dtype(stored, native_bf16)
         log.info("vLLM runs %s in %s on this CPU (dtype auto: weights stored in %s, native bfloat16: %s)",
                  settings.model, dtype, stored or "an unknown type", "yes" if native_bf16 else "no")
     args: dict[str, Any] = {
