@@ -303,8 +303,8 @@ def stored_dtype(model: str) -> str | None:
 def cpu_dtype(stored: str | None, has_bf16: bool) -> str:
     """Both engines' dtype on a CPU for `dtype: auto`. vLLM's own auto runs every model in bfloat16 on x86, which
     follows neither the model nor the CPU: a float32 model stays float32 (as the API says auto does), and
-    half-precision weights run in bfloat16 only where the CPU computes it natively. Emulated, bfloat16 took twice float32's time on an AVX2 CPU (a 1,400-token prompt and 32 tokens:
-    410-550 against 200-320 ms)."""
+    half-precision weights run in bfloat16 only where the CPU computes it natively. Emulated, bfloat16 took twice
+    float32's time on an AVX2 CPU (a 1,400-token prompt and 32 tokens: 410-550 against 200-320 ms)."""
     if stored == "float32":
         return "float32"
     return "bfloat16" if has_bf16 else "float32"
