@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from ragtune_objects import API, endpoint, ready_references, vectorindex, wait_ready
 
-from ragtune.kube import foreign_holder, owner_references_patch
+from ragtune.controllers import shared
+from ragtune.kube import FIELD_MANAGER, foreign_holder, owner_references_patch
 
 OWNER = {"apiVersion": API, "kind": "VectorIndex", "name": "docs", "uid": "u-2", "controller": True,
          "blockOwnerDeletion": True}
@@ -33,6 +34,24 @@ def test_only_ragtunes_own_objects_count_as_its_children():
     assert foreign_holder(desired, child(owner=held)) == "is controlled by Deployment web"
     other_index = {**OWNER, "name": "other", "uid": "u-9"}
     assert foreign_holder(desired, child(owner=other_index)) == "is controlled by VectorIndex other"
+
+
+def test_drift_is_somebody_elses_change_to_a_childs_spec_or_to_ragtunes_own_labels():
+    def seen(event: str | None, generation: int, labels: dict, writer: str, second: int) -> bool:
+        meta = {"namespace": "ns", "name": "drift-web", "generation": generation, "labels": labels,
+                "managedFields": [{"manager": writer, "operation": "Update",
+                                   "time": f"2026-12-07T19:00:{second:02d}Z"}]}
+        return shared.drifted("Deployment", {"metadata": meta}, event)
+
+    own = {"app.kubernetes.io/name": "serve", "ragtune.io/hybridendpoint": "drift-web"}
+    assert not seen(None, 1, own, FIELD_MANAGER, 1)  # listed when the watch starts
+    assert not seen("MODIFIED", 1, {**own, "team": "a"}, "kubectl-label", 2)  # somebody else's label added
+    assert seen("MODIFIED", 1, {"ragtune.io/hybridendpoint": "drift-web", "team": "a"}, "kubectl-label", 3)
+    assert not seen("MODIFIED", 1, {**own, "team": "a"}, FIELD_MANAGER, 4)  # put back by ragtune
+    assert not seen("MODIFIED", 1, {**own, "team": "a"}, "kubectl-label", 4)  # nothing of ragtune's changed
+    assert seen("MODIFIED", 2, {**own, "team": "a"}, "kubectl-edit", 5)  # a new spec
+    assert not seen("MODIFIED", 3, own, FIELD_MANAGER, 6)  # ragtune's own
+    assert seen("DELETED", 3, own, FIELD_MANAGER, 6)
 
 
 def test_a_changed_controller_is_replaced_and_other_references_stay():
@@ -173,6 +192,14 @@ def test_an_endpoints_children_changed_or_deleted_by_hand_are_put_back(kube, nam
                  '{"data": {"config.json": "{}"}}')
     kube.wait_for(lambda: kube.get("v1", "ConfigMap", "chat-config", namespace)["data"] == config["data"],
                   "the endpoint's config to be put back")
+    # Labels changed by hand change no generation; ragtune's own come back, somebody else's added one stays.
+    own = {key: deployment["metadata"]["labels"][key]
+           for key in ("app.kubernetes.io/part-of", "app.kubernetes.io/name")}
+    kube.kubectl("label", "-n", namespace, "deployment/chat", "--overwrite", "app.kubernetes.io/part-of-",
+                 "app.kubernetes.io/name=renamed", "team=search")
+    labels = kube.wait_for(lambda: (lambda found: found if all(found.get(k) == v for k, v in own.items()) else None)(
+        kube.get("apps/v1", "Deployment", "chat", namespace)["metadata"]["labels"]), "the Deployment's labels back")
+    assert labels["team"] == "search"
     assert kube.get("apps/v1", "Deployment", "chat", namespace)["metadata"]["uid"] == deployment["metadata"]["uid"]
 
 

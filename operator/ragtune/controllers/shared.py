@@ -34,8 +34,10 @@ _locks_guard = threading.Lock()
 _workload_rbac_done: set[str] = set()
 # Children known not to exist as their owner's, by (kind, namespace, name): `remove_child` asks the API once.
 _absent: set[tuple[str, str, str]] = set()
-# The generation of each child last seen, by (kind, namespace, name): a changed spec shows as a new one.
-_generations: dict[tuple[str, str, str], int | None] = {}
+# What each child showed last, by (kind, namespace, name): its generation (a changed spec shows as a new one) and
+# the labels and annotations of the kinds ragtune sets (`own_marks`).
+_seen: dict[tuple[str, str, str], tuple[int | None, dict[str, str]]] = {}
+OWN_MARK_PREFIXES = ("ragtune.io/", "app.kubernetes.io/")
 # Owners one of whose children's names somebody else's object holds, by (kind, namespace, name): the message.
 CONFLICTS: dict[tuple[str, str, str], str] = {}
 CONFLICT_RETRY_SECONDS = 30
@@ -187,19 +189,26 @@ def conflict_conditions(key: tuple[str, str, str], desired: list[dict[str, Any]]
     return added + [cond for cond in desired if cond["type"] not in replaced]
 
 
+def own_marks(meta: dict[str, Any]) -> dict[str, str]:
+    """The labels and annotations under the prefixes ragtune sets on its children (`OWN_MARK_PREFIXES`)."""
+    return {f"{where}/{key}": value for where in ("labels", "annotations")
+            for key, value in (meta.get(where) or {}).items() if key.startswith(OWN_MARK_PREFIXES)}
+
+
 def drifted(kind: str, body: dict[str, Any], event_type: str | None) -> bool:
     """Whether a child's watch event says somebody else deleted it or changed it: its spec (a new generation,
-    for the kinds that have one) or, for kinds without, the object, where the newest write was not ragtune's own
-    (status updates do not count). The owner's reconcile then puts it back as the owner's spec says."""
+    for the kinds that have one), the labels or annotations ragtune sets (which change no generation) or, for
+    kinds without a generation, anything, where the newest write was not ragtune's own (status updates do not
+    count). The owner's reconcile then puts it back as the owner's spec says."""
     meta = body.get("metadata") or {}
     child = (kind, meta.get("namespace"), meta.get("name"))
     if event_type == "DELETED":
-        _generations.pop(child, None)
+        _seen.pop(child, None)
         return True
-    generation = meta.get("generation")
-    previous = _generations.get(child)
-    _generations[child] = generation
-    if event_type != "MODIFIED" or (generation is not None and generation == previous):
+    shown = (meta.get("generation"), own_marks(meta))
+    previous = _seen.get(child)
+    _seen[child] = shown
+    if event_type != "MODIFIED" or (shown[0] is not None and shown == previous):
         return False
     return last_writer(meta) != FIELD_MANAGER
 
