@@ -146,11 +146,8 @@ class TransformersEngine(Engine):
 
         self.settings = settings
         self.device = "cuda" if settings.gpus and torch.cuda.is_available() else "cpu"
-        dtype_name = settings.dtype
-        if dtype_name == "auto" and self.device == "cpu":  # as vLLM runs it on a CPU
-            dtype_name = cpu_dtype(stored_dtype(settings.model), cpu_has_bf16())
         dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16,
-                 "bfloat16": torch.bfloat16}[dtype_name]
+                 "bfloat16": torch.bfloat16}[engine_dtype(settings, on_cpu=self.device == "cpu")]
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
             model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
@@ -310,15 +307,22 @@ def cpu_dtype(stored: str | None, has_bf16: bool) -> str:
     return "bfloat16" if has_bf16 else "float32"
 
 
+def engine_dtype(settings: EngineSettings, on_cpu: bool) -> str:
+    """The dtype an engine loads the model in: the spec's, with auto resolved by `cpu_dtype` on a CPU (logged with
+    why) and left to the engine elsewhere."""
+    if settings.dtype != "auto" or not on_cpu:
+        return settings.dtype
+    stored, native_bf16 = stored_dtype(settings.model), cpu_has_bf16()
+    dtype = cpu_dtype(stored, native_bf16)
+    log.info("%s runs in %s on this CPU (dtype auto: weights stored in %s, native bfloat16: %s)", settings.model,
+             dtype, stored or "an unknown type", "yes" if native_bf16 else "no")
+    return dtype
+
+
 def vllm_engine_args(settings: EngineSettings) -> dict[str, Any]:
-    dtype = settings.dtype
-    if dtype == "auto" and not settings.gpus:
-        stored, native_bf16 = stored_dtype(settings.model), cpu_has_bf16()
-        dtype = cpu_dtype(stored, native_bf16)
-        log.info("vLLM runs %s in %s on this CPU (dtype auto: weights stored in %s, native bfloat16: %s)",
-                 settings.model, dtype, stored or "an unknown type", "yes" if native_bf16 else "no")
     args: dict[str, Any] = {
-        "model": settings.model, "max_model_len": settings.max_model_len, "dtype": dtype,
+        "model": settings.model, "max_model_len": settings.max_model_len,
+        "dtype": engine_dtype(settings, on_cpu=not settings.gpus),
         "tensor_parallel_size": settings.tensor_parallel_size, "enable_prefix_caching": True,
         "disable_log_stats": True,
     }
